@@ -1,0 +1,38 @@
+"""diffcli: run DiffusionGemma 26B-A4B block-diffusion GGUF models on your own machine.
+
+Public API (imported lazily, so `import diffcli` stays cheap):
+`open_gguf`, `load`, `generate`, `stream`, `convert`, `Tokenizer`, `SamplerConfig`, `ModelConfig`,
+`QTensor`, `DiffcliError`.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "open_gguf": "gguffile",
+    "ModelConfig": "config",
+    "QTensor": "qtensor",
+    "DiffcliError": "errors",
+    "load": "model",
+    "SamplerConfig": "sampler",
+    "generate": "generate",
+    "stream": "generate",
+    "convert": "convert",
+    "Tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'diffcli' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
