@@ -1,0 +1,284 @@
+"""DiffusionGemma: one weight set run two ways (spec §B).
+
+- `encode` / `commit` (the encoder): causal over the prompt and every committed canvas; appends
+  each layer's K/V to a KVCache.
+- `denoise` (the decoder): one step over the canvas, bidirectional, reading the cache and never
+  writing it; adds self-conditioning from the previous step's tempered logits.
+
+Both passes share every weight except the per-layer output scalar. How a layer differs from
+Gemma 4: attention scale 1.0; V = rms(K projection) without weight, and global layers have no
+V projection at all (V is the raw K projection); a dense MLP and routed experts run side by side
+on the same residual and are summed, each with its own norms; the whole layer output (residual
+included) is multiplied by a scalar.
+
+Numerics: norms, RoPE, the router, softmaxes and the logits run in float32; everything else in
+the activation dtype (float32 on CPU, bfloat16 on accelerators by default).
+
+Legend: C canvas, P prefix (tokens in the cache), T tokens in this pass, L keys attended,
+H hidden, V vocab, F dense width, E experts, A active experts, Nq query heads, Nkv KV heads,
+D head dim.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+from .gguffile import open_gguf
+from .qtensor import QTensor
+from .weights import LayerWeights, Weights, load_weights
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of every committed token ([Nkv, L, D] each).
+
+    Global layers keep all P tokens. Sliding layers keep only the last W-1: no later query can
+    see further back (an encoder query at position p sees p-W+1..p; the decoder sees the last W-1
+    cached keys plus the canvas). Tensors are replaced, never written in place, so `copy()` is a
+    cheap snapshot (e.g. to keep a chat prompt's cache across turns).
+    """
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    sliding: list[bool]
+    window: int
+    length: int = 0                      # P: positions 0..P-1 are committed
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        keys = torch.cat([self.keys[layer], k], dim=1)
+        values = torch.cat([self.values[layer], v], dim=1)
+        if self.sliding[layer]:
+            keys, values = keys[:, -(self.window - 1):], values[:, -(self.window - 1):]
+        self.keys[layer], self.values[layer] = keys, values
+
+    def copy(self) -> "KVCache":
+        return KVCache(list(self.keys), list(self.values), list(self.sliding), self.window,
+                       self.length)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm in float32, eps inside the mean (spec §B.1); returns x's dtype."""
+    x32 = x.float()
+    y = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        y = y * weight
+    return y.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def gated_mlp(x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor) -> torch.Tensor:
+    return ops.qlinear(F.gelu(ops.qlinear(x, gate), approximate="tanh") * ops.qlinear(x, up), down)
+
+
+class DiffusionGemma:
+    def __init__(self, config: ModelConfig, weights: Weights, device: torch.device,
+                 dtype: torch.dtype, cache_embedding: bool):
+        self.config, self.w, self.device, self.dtype = config, weights, device, dtype
+        self.cache_embedding = cache_embedding
+        self._embed_dense: torch.Tensor | None = None
+        cfg = config
+        # Inverse RoPE frequencies per layer type (pairs (j, j + D/2), rotate-half style).
+        # Global layers: "proportional" RoPE, recovered from rope_freqs: the frequency is divided
+        # by the stored factor, so 1e30 entries leave those pairs (almost exactly) unrotated,
+        # as llama.cpp does; the exponent's denominator is the full head dim.
+        self.inv_freq = {
+            "sliding": self._inv_freq(cfg.rope_theta_swa, cfg.head_dim_swa),
+            "full": self._inv_freq(cfg.rope_theta, cfg.head_dim) / weights.rope_freqs,
+        }
+
+    def _inv_freq(self, theta: float, dim: int) -> torch.Tensor:
+        exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=self.device) / dim
+        return 1.0 / (theta ** exponent)                               # [D/2]
+
+    # -- public API ---------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        cfg = self.config
+        empty = [torch.empty(cfg.n_head_kv[i], 0, cfg.layer_head_dim(i), dtype=self.dtype,
+                             device=self.device) for i in range(cfg.n_layer)]
+        return KVCache(empty, list(empty), list(cfg.swa_pattern), cfg.sliding_window)
+
+    @torch.inference_mode()
+    def encode(self, prompt_ids: torch.Tensor) -> KVCache:
+        """Prefill: run the prompt through the encoder into a fresh cache."""
+        return self.commit(self.new_cache(), prompt_ids)
+
+    @torch.inference_mode()
+    def commit(self, cache: KVCache, block_ids: torch.Tensor) -> KVCache:
+        """Append tokens (a finished canvas) at positions P..P+T-1 through the encoder, in place."""
+        ids = self._ids(block_ids)
+        T, P, W = ids.numel(), cache.length, self.config.sliding_window
+        pos = torch.arange(P, P + T, device=self.device)                # [T]
+        x = self.embed(ids) * math.sqrt(self.config.n_embd)            # [T, H]
+        rope = self._rope(pos)
+        # Causal masks (True = may attend). Cached keys sit at positions P-len..P-1.
+        masks = {}
+        for kind, cached in (("full", P), ("sliding", min(P, W - 1))):
+            kpos = torch.arange(P - cached, P + T, device=self.device)  # [L]
+            mask = kpos[None, :] <= pos[:, None]                        # [T, L]
+            if kind == "sliding":
+                mask &= kpos[None, :] > pos[:, None] - W
+            masks[kind] = mask
+        last = self.config.n_layer - 1
+        for i, lw in enumerate(self.w.layers):
+            kind = self.config.layer_types[i]
+            q, k, v = self._qkv(i, lw, x, rope[kind])
+            k_all = torch.cat([cache.keys[i], k], dim=1)                # [Nkv, L, D]
+            v_all = torch.cat([cache.values[i], v], dim=1)
+            cache.append(i, k, v)
+            if i == last:
+                break    # only the K/V are needed downstream: skip the last layer's FFN
+            x = self._layer(lw, x, q, k_all, v_all, masks[kind], lw.enc_scale)
+        cache.length = P + T
+        return cache
+
+    @torch.inference_mode()
+    def denoise(self, cache: KVCache, canvas_ids: torch.Tensor,
+                sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """One denoising step: canvas ids [C] (+ previous step's tempered logits [C, V]) ->
+        softcapped float32 logits [C, V]. Reads the cache, never writes it."""
+        ids = self._ids(canvas_ids)
+        C, P, H = ids.numel(), cache.length, self.config.n_embd
+        pos = torch.arange(P, P + C, device=self.device)                # [C]
+        e = self.embed(ids) * math.sqrt(H)                             # [C, H]
+        E = None
+        if sc_logits is None:
+            x = rms(e, eps=self._eps)    # zero soft embedding -> the SC MLP outputs exactly zero
+        else:
+            E = self._dense_embedding()                                # [V, H]
+            probs = torch.softmax(sc_logits.to(self.device).float(), dim=-1)   # [C, V]
+            soft = (probs.to(self.dtype) @ E) * math.sqrt(H)           # [C, H]
+            n = rms(soft, self.w.sc_pre_norm, self._eps)
+            x = rms(e + gated_mlp(n, self.w.sc_gate, self.w.sc_up, self.w.sc_down), eps=self._eps)
+        rope = self._rope(pos)
+        for i, lw in enumerate(self.w.layers):
+            q, k, v = self._qkv(i, lw, x, rope[self.config.layer_types[i]])
+            k_all = torch.cat([cache.keys[i], k], dim=1)                # [Nkv, L, D]
+            v_all = torch.cat([cache.values[i], v], dim=1)
+            # No mask: every canvas query sees every cached key of its layer (sliding layers hold
+            # the last W-1) and the whole canvas, whatever its own position.
+            x = self._layer(lw, x, q, k_all, v_all, None, lw.dec_scale)
+        x = rms(x, self.w.output_norm, self._eps)
+        logits = (x @ E.t() if E is not None else ops.qlinear(x, self.w.embed)).float()  # [C, V]
+        cap = self.config.final_logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def denoise_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
+                         sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """`--diffusion-kv-cache off`: re-encode the whole prefix, then one denoising step.
+        Same logits as encode + denoise; costs a full prefix pass per step."""
+        return self.denoise(self.encode(prefix_ids), canvas_ids, sc_logits)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows [T, H] (unscaled), dequantizing only the rows asked for."""
+        if self._embed_dense is not None:
+            return self._embed_dense[ids]
+        E = self.w.embed
+        rows = E.blocks()[ids]                                         # [T, row bytes]
+        sub = QTensor(rows.reshape(-1), E.qtype, (ids.numel(), E.shape[-1]), E.name)
+        return ops.dequantize(sub, self.dtype, self.device)
+
+    # -- internals ----------------------------------------------------------------------------
+    @property
+    def _eps(self) -> float:
+        return self.config.rms_eps
+
+    def _ids(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        return ids
+
+    def _dense_embedding(self) -> torch.Tensor:
+        """E [V, H] in the activation dtype, for the SC soft embedding (probs @ E) and the head.
+
+        Memory trade-off: V*H elements (262144 x 2816: 1.5 GB in bf16, 3 GB in fp32). With
+        `cache_embedding` the copy is kept for the model's lifetime (saves a full dequantization
+        per step; the default on accelerators); otherwise it is rebuilt on every step that has
+        self-conditioning and freed after it (the CPU default).
+        """
+        if self._embed_dense is not None:
+            return self._embed_dense
+        E = ops.dequantize(self.w.embed, self.dtype, self.device)
+        if self.cache_embedding:
+            self._embed_dense = E
+        return E
+
+    def _rope(self, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for kind, inv in self.inv_freq.items():
+            a = pos[:, None].float() * inv[None, :]                    # [T, D/2]
+            a = torch.cat([a, a], dim=-1)                              # [T, D]
+            out[kind] = (a.cos()[:, None, :], a.sin()[:, None, :])     # [T, 1, D]
+        return out
+
+    def _qkv(self, i: int, lw: LayerWeights, x: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
+        """Normed, roped q [T, Nq, D] and this pass's k, v [Nkv, T, D] for layer i."""
+        cfg, (cos, sin) = self.config, rope
+        T, D = x.shape[0], cfg.layer_head_dim(i)
+        h = rms(x, lw.attn_norm, self._eps)
+        q = ops.qlinear(h, lw.wq).view(T, cfg.n_head, D)
+        k_raw = ops.qlinear(h, lw.wk).view(T, cfg.n_head_kv[i], D)
+        v_raw = ops.qlinear(h, lw.wv).view(T, cfg.n_head_kv[i], D) if lw.wv is not None else k_raw
+        q = rms(q, lw.q_norm, self._eps).float()
+        k = rms(k_raw, lw.k_norm, self._eps).float()
+        q = (q * cos + rotate_half(q) * sin).to(self.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(self.dtype)
+        v = rms(v_raw, eps=self._eps)
+        return q, k.transpose(0, 1), v.transpose(0, 1)
+
+    def _layer(self, lw: LayerWeights, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, mask: torch.Tensor | None, scalar: float) -> torch.Tensor:
+        """Rest of one layer given its q [T, Nq, D] and the keys/values it sees [Nkv, L, D]."""
+        T = x.shape[0]
+        a = F.scaled_dot_product_attention(                            # [1, Nq, T, D]
+            q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=1.0,
+            enable_gqa=q.shape[1] != k.shape[0])
+        a = a[0].transpose(0, 1).reshape(T, -1)                        # [T, Nq*D]
+        x = x + rms(ops.qlinear(a, lw.wo), lw.post_attn_norm, self._eps)
+        dense = rms(gated_mlp(rms(x, lw.ffn_norm, self._eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down),
+                    lw.post_ffn_norm_1, self._eps)                     # [T, H]
+        moe = rms(self._experts(lw, x), lw.post_ffn_norm_2, self._eps)   # [T, H]
+        x = x + rms(dense + moe, lw.post_ffn_norm, self._eps)
+        return x * scalar
+
+    def _experts(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+        """Routed experts. The router reads the raw residual x, not the normed expert input."""
+        H, A = self.config.n_embd, self.config.n_expert_used
+        r = rms(x.float(), eps=self._eps) * lw.router_scale * H ** -0.5   # [T, H]
+        probs = torch.softmax(r @ lw.router.t(), dim=-1)               # [T, E]
+        weights, ids = torch.topk(probs, A, dim=-1)                    # [T, A]
+        weights = weights / weights.sum(-1, keepdim=True)              # renormalise, then scale
+        weights = weights * lw.exp_scale[ids]
+        xe = rms(x, lw.pre_ffn_norm_2, self._eps)                      # [T, H]
+        return ops.moe_experts(xe, lw.exp_gate_up, lw.exp_down, ids, weights)
+
+
+def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         cache_embedding: bool | None = None) -> DiffusionGemma:
+    """Open a diffusion-gemma GGUF. Weights stay quantized (raw bytes on `device`).
+
+    dtype: activation dtype; default float32 on CPU, bfloat16 elsewhere.
+    cache_embedding: keep a dequantized copy of the tied embedding for self-conditioning
+    (see DiffusionGemma._dense_embedding); default True on accelerators, False on CPU.
+    """
+    device = torch.device(device)
+    f = open_gguf(path)
+    cfg = ModelConfig.from_gguf(f)
+    weights = load_weights(f, cfg, device)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if cache_embedding is None:
+        cache_embedding = device.type != "cpu"
+    return DiffusionGemma(cfg, weights, device, dtype, cache_embedding)
