@@ -1,16 +1,219 @@
-"""Loader for the optional C++ CPU kernels built by CMakeLists.txt (kernels/native/).
+"""The optional C++ CPU kernels (kernels/native/, built by the top-level CMakeLists.txt).
 
-diffcli works without them: `available()` is False and the torch path runs.
+Legend: T tokens (rows of x), K in-features, N out-features, E experts, F expert width,
+A active experts per token.
+
+The library is looked up once: `$DIFFCLI_NATIVE_LIB` if set, else the default build folder
+`kernels/native/build/`. Without it `available()` is False and diffcli runs the torch path.
+`python -m diffcli.native build [DIR]` configures and builds it with cmake.
 """
 from __future__ import annotations
 
-import functools
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .qtensor import QTensor
+
+ABI_VERSION = 1   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+
+# ggml type ids of the formats the library implements.
+QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
+
+_ERRORS = {-1: "unsupported type", -2: "row length is not a whole number of blocks",
+           -3: "expert id out of range"}
+
+_LIB_NAMES = ("libdiffcli_native.so", "libdiffcli_native.dylib", "diffcli_native.dll",
+              "Release/diffcli_native.dll")
+
+_lib: ctypes.CDLL | None = None
+_searched = False
+_threads = 0
 
 
-@functools.lru_cache(maxsize=None)
+def source_dir() -> Path | None:
+    """The folder holding CMakeLists.txt (a source checkout), or None for a wheel install."""
+    from . import kernels
+    root = Path(kernels.__file__).resolve().parent.parent
+    return root if (root / "CMakeLists.txt").is_file() else None
+
+
+def default_build_dir() -> Path:
+    from . import kernels
+    return Path(kernels.__file__).resolve().parent / "native" / "build"
+
+
+def find_library(build_dir: str | os.PathLike | None = None) -> Path | None:
+    env = os.environ.get("DIFFCLI_NATIVE_LIB")
+    if env and build_dir is None:
+        return Path(env) if Path(env).is_file() else None
+    folder = Path(build_dir) if build_dir is not None else default_build_dir()
+    for name in _LIB_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.dn_abi_version.restype = i32
+    lib.dn_simd.restype = ctypes.c_char_p
+    lib.dn_set_threads.argtypes = [i32]
+    lib.dn_get_threads.restype = i32
+    lib.dn_dequantize.argtypes = [ptr, i32, i64, ptr]
+    lib.dn_qmatmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr]
+    lib.dn_moe.argtypes = [ptr, i64, i64, ptr, i32, ptr, i32, i64, i64, ptr, ptr, i64, ptr]
+    for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe):
+        fn.restype = i32
+    return lib
+
+
+def use_library(path: str | os.PathLike | None) -> bool:
+    """Load the library at `path` (None: forget it and search again on next use). True if loaded."""
+    global _lib, _searched, _threads
+    _lib, _searched, _threads = None, path is not None, 0
+    if path is not None:
+        try:
+            lib = _bind(ctypes.CDLL(str(path)))
+        except (OSError, AttributeError):
+            return False
+        if lib.dn_abi_version() != ABI_VERSION:
+            return False
+        _lib = lib
+    from .backend import backend_for
+    backend_for.cache_clear()
+    return _lib is not None
+
+
+def _library() -> ctypes.CDLL | None:
+    global _searched
+    if not _searched:
+        _searched = True
+        path = find_library()
+        if path is not None:
+            use_library(path)
+    return _lib
+
+
 def available() -> bool:
-    return False
+    return _library() is not None
 
 
 def supports(qtype: str) -> bool:
-    return False
+    return available() and qtype in QTYPE_IDS
+
+
+def simd() -> str:
+    """The SIMD path compiled into the loaded library ("avx2", "neon", "scalar")."""
+    lib = _library()
+    return lib.dn_simd().decode() if lib is not None else "none"
+
+
+def _call(name: str, *args) -> None:
+    global _threads
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("diffcli native library is not built; run `python -m diffcli.native build`")
+    n = torch.get_num_threads()   # follow torch (and so -t) for the OpenMP pool
+    if n != _threads:
+        lib.dn_set_threads(n)
+        _threads = n
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        raise ValueError(f"{name}: {_ERRORS.get(rc, f'error {rc}')}")
+
+
+def _raw(qt: QTensor) -> torch.Tensor:
+    if qt.qtype not in QTYPE_IDS:
+        raise ValueError(f"{qt.name or 'tensor'}: type {qt.qtype} has no native kernel")
+    if qt.raw.device.type != "cpu":
+        raise ValueError(f"{qt.name or 'tensor'}: native kernels need CPU bytes, got {qt.raw.device}")
+    return qt.raw.contiguous()
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float32).contiguous()
+
+
+def dequantize(qt: QTensor) -> torch.Tensor:
+    """qt as float32, shape qt.shape (same values as gguf.quants.dequantize, bit for bit)."""
+    raw = _raw(qt)
+    out = torch.empty(qt.numel, dtype=torch.float32)
+    _call("dn_dequantize", raw.data_ptr(), QTYPE_IDS[qt.qtype], qt.numel, out.data_ptr())
+    return out.view(qt.shape)
+
+
+def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """x [..., K] @ qt[N, K].T -> [..., N] in x.dtype; accumulates in fp32."""
+    N, K = qt.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"qmatmul: x has {x.shape[-1]} features, {qt.name or 'weight'} expects {K}")
+    raw, xf = _raw(qt), _f32(x.reshape(-1, K))            # xf [T, K]
+    y = torch.empty(xf.shape[0], N, dtype=torch.float32)  # [T, N]
+    _call("dn_qmatmul", xf.data_ptr(), xf.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
+          y.data_ptr())
+    return y.view(*x.shape[:-1], N).to(x.dtype)
+
+
+def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
+        weights: torch.Tensor) -> torch.Tensor:
+    """Routed experts, semantics of ops.moe_experts: x [T, K], gate_up [E, 2F, K], down [E, K, F],
+    ids / weights [T, A] -> [T, K] in x.dtype."""
+    E, F2, K = gate_up.shape
+    F = F2 // 2
+    if tuple(down.shape) != (E, K, F) or x.shape[-1] != K or ids.shape != weights.shape \
+            or ids.shape[0] != x.shape[0]:
+        raise ValueError(f"moe: shapes x {list(x.shape)}, gate_up {list(gate_up.shape)}, "
+                         f"down {list(down.shape)}, ids {list(ids.shape)} do not fit together")
+    xf = _f32(x)                                                      # [T, K]
+    idx = ids.detach().to(torch.int64).contiguous()                   # [T, A]
+    w = _f32(weights)                                                 # [T, A]
+    out = torch.empty_like(xf)                                        # [T, K]
+    _call("dn_moe", xf.data_ptr(), xf.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
+          _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
+          idx.shape[1], out.data_ptr())
+    return out.to(x.dtype)
+
+
+def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
+    """Configure and build the library with cmake; returns the library's path."""
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("no CMakeLists.txt next to diffcli (not a source checkout); "
+                           "build from a clone of the repository")
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        raise RuntimeError("cmake not found; install cmake and a C++17 compiler")
+    out = Path(build_dir) if build_dir is not None else default_build_dir()
+    pipe = subprocess.DEVNULL if quiet else None
+    subprocess.run([cmake, "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, stdout=pipe)
+    subprocess.run([cmake, "--build", str(out), "--config", "Release", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=pipe)
+    lib = find_library(out)
+    if lib is None:
+        raise RuntimeError(f"cmake finished but no library was found in {out}")
+    return lib
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "build" or len(argv) > 2:
+        print("usage: python -m diffcli.native build [BUILD_DIR]", file=sys.stderr)
+        return 2
+    try:
+        lib = build(argv[1] if len(argv) > 1 else None)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"diffcli.native: build failed: {exc}", file=sys.stderr)
+        return 1
+    ok = use_library(lib)
+    print(f"{lib} ({simd()})" if ok else f"{lib} (built, but it does not load)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+// C ABI of the diffcli native CPU kernels (loaded from Python with ctypes, see diffcli/native.py).
+//
+// Weights stay in their ggml blocks; a matmul dequantizes one tile of weight rows at a time into a
+// small fp32 scratch and reuses it for every activation row. Legend: T activation rows, K
+// in-features (elements per weight row), N out-features (weight rows), E experts, F expert width,
+// A active experts per token.
+//
+// Every entry point returns 0 on success and a negative DN_E_* code on bad arguments, so a wrong
+// call from Python becomes an exception instead of a crash.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define DN_API extern "C" __declspec(dllexport)
+#else
+#define DN_API extern "C" __attribute__((visibility("default")))
+#endif
+
+// Bumped whenever a signature below changes; native.py refuses a library with another value.
+#define DN_ABI_VERSION 1
+
+// ggml type ids (the numbers in a GGUF tensor info).
+enum dn_qtype {
+    DN_F32 = 0,
+    DN_F16 = 1,
+    DN_Q5_0 = 6,
+    DN_Q8_0 = 8,
+    DN_Q4_K = 12,
+    DN_Q6_K = 14,
+    DN_BF16 = 30,
+};
+
+enum dn_error {
+    DN_OK = 0,
+    DN_E_QTYPE = -1,      // type not implemented
+    DN_E_SHAPE = -2,      // K not a multiple of the block size, or a negative size
+    DN_E_EXPERT = -3,     // an expert id outside [0, E)
+};
+
+DN_API int dn_abi_version(void);
+// SIMD path compiled in: "avx2", "neon" or "scalar".
+DN_API const char* dn_simd(void);
+DN_API void dn_set_threads(int n);
+DN_API int dn_get_threads(void);
+
+// Elements per block and bytes per block of a type (0, 0 when unsupported).
+DN_API int dn_block_info(int qtype, int64_t* block_elems, int64_t* block_bytes);
+
+// out[0..n) = the n values stored in `raw` (n a multiple of the block size).
+DN_API int dn_dequantize(const uint8_t* raw, int qtype, int64_t n, float* out);
+
+// y[T, N] = x[T, K] @ W[N, K]^T, W given as N rows of ggml blocks.
+DN_API int dn_qmatmul(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype,
+                      int64_t N, float* y);
+
+// Routed experts: out[t] = sum_a weights[t,a] * down_e(gelu_tanh(gate_e(x_t)) * up_e(x_t)), e = ids[t,a].
+// gate_up [E, 2F, K] (rows 0..F-1 gate, F..2F-1 up), down [E, K, F]; out [T, K] is overwritten.
+DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                  const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                  const float* weights, int64_t A, float* out);

@@ -1,0 +1,175 @@
+// Quantized matmul y = x @ W^T that never materialises a dequantized W.
+//
+// Legend: T activation rows, K in-features, N weight rows (out-features); NR weight rows per
+// tile, KB values of K per tile, MR activation rows per register block, TB activation rows per
+// pass.
+//
+// Work is split over tiles of NR = 16 weight rows (OpenMP, one tile per task). For each tile and
+// each KB-wide slice of K, the weight rows are dequantized once into an L1-sized scratch,
+// transposed to [KB][NR] so the register kernel can load 16 consecutive output columns, and then
+// reused by every activation row of the pass: dequantization is paid once per TB rows instead
+// of once per row. Partial sums stay in a per-thread [TB][NR] buffer until the tile is done.
+#include "gemm.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+
+#include "blocks.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace dn {
+
+constexpr int NR = 16;
+constexpr int64_t KB = 256;
+constexpr int MR = 6;
+constexpr int64_t TB = 512;
+
+int64_t row_bytes(int qtype, int64_t K) {
+    const BlockInfo b = block_info(qtype);
+    if (b.elems == 0 || K % b.elems != 0) return -1;
+    return K / b.elems * b.bytes;
+}
+
+namespace {
+
+struct Scratch {
+    float* rows;   // [NR][KB] dequantized weight rows
+    float* wt;     // [KB][NR] the same, transposed
+    float* acc;    // [TB][NR] partial sums
+    void* base;
+    explicit Scratch(int64_t tb) {
+        const size_t n = (size_t)(2 * NR * KB + tb * NR);
+        base = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+        rows = (float*)base;
+        wt = rows + NR * KB;
+        acc = wt + NR * KB;
+    }
+    ~Scratch() { free(base); }
+};
+
+// rows [NR][KB] -> wt [kb][NR]
+void transpose_tile(const float* rows, int64_t kb, float* wt) {
+    int64_t k = 0;
+#if DN_AVX2
+    for (; k + 8 <= kb; k += 8) {
+        for (int rb = 0; rb < NR; rb += 8) {
+            __m256 r[8], t[8], s[8];
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (rb + i) * KB + k);
+            for (int i = 0; i < 8; i += 2) {
+                t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 8; i += 4) {
+                s[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                s[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                s[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                s[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int j = 0; j < 4; ++j) {
+                _mm256_storeu_ps(wt + (k + j) * NR + rb, _mm256_permute2f128_ps(s[j], s[j + 4], 0x20));
+                _mm256_storeu_ps(wt + (k + j + 4) * NR + rb, _mm256_permute2f128_ps(s[j], s[j + 4], 0x31));
+            }
+        }
+    }
+#endif
+    for (; k < kb; ++k)
+        for (int r = 0; r < NR; ++r) wt[k * NR + r] = rows[r * KB + k];
+}
+
+// acc[M][NR] (+)= x[M rows, stride ldx][kb] @ wt[kb][NR]
+template <int M>
+void ukernel(int64_t kb, const float* x, int64_t ldx, const float* wt, float* acc, bool add) {
+#if DN_AVX2
+    __m256 c0[M], c1[M];
+    for (int r = 0; r < M; ++r) {
+        c0[r] = add ? _mm256_load_ps(acc + r * NR) : _mm256_setzero_ps();
+        c1[r] = add ? _mm256_load_ps(acc + r * NR + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < kb; ++k) {
+        const __m256 w0 = _mm256_load_ps(wt + k * NR), w1 = _mm256_load_ps(wt + k * NR + 8);
+        for (int r = 0; r < M; ++r) {
+            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+            c0[r] = _mm256_fmadd_ps(xb, w0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(xb, w1, c1[r]);
+        }
+    }
+    for (int r = 0; r < M; ++r) {
+        _mm256_store_ps(acc + r * NR, c0[r]);
+        _mm256_store_ps(acc + r * NR + 8, c1[r]);
+    }
+#else
+    // Portable kernel: fixed-width inner loops the compiler vectorizes (NEON on ARM, SSE on x86).
+    float c[M][NR];
+    for (int r = 0; r < M; ++r)
+        for (int j = 0; j < NR; ++j) c[r][j] = add ? acc[r * NR + j] : 0.0f;
+    for (int64_t k = 0; k < kb; ++k) {
+        const float* w = wt + k * NR;
+        for (int r = 0; r < M; ++r) {
+            const float xv = x[r * ldx + k];
+            for (int j = 0; j < NR; ++j) c[r][j] += xv * w[j];
+        }
+    }
+    for (int r = 0; r < M; ++r)
+        for (int j = 0; j < NR; ++j) acc[r * NR + j] = c[r][j];
+#endif
+}
+
+void ukernel_rows(int m, int64_t kb, const float* x, int64_t ldx, const float* wt, float* acc, bool add) {
+    switch (m) {
+        case 6: ukernel<6>(kb, x, ldx, wt, acc, add); break;
+        case 5: ukernel<5>(kb, x, ldx, wt, acc, add); break;
+        case 4: ukernel<4>(kb, x, ldx, wt, acc, add); break;
+        case 3: ukernel<3>(kb, x, ldx, wt, acc, add); break;
+        case 2: ukernel<2>(kb, x, ldx, wt, acc, add); break;
+        default: ukernel<1>(kb, x, ldx, wt, acc, add); break;
+    }
+}
+
+// One tile of NR weight rows against activation rows [t0, t0+tb).
+void tile(const float* x, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, int64_t rb, int qtype,
+          int64_t n0, int64_t N, float* y, Scratch& s) {
+    const int nr = (int)std::min<int64_t>(NR, N - n0);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t kb = std::min(KB, K - k0);
+        for (int r = 0; r < nr; ++r) dequant_range(qtype, w + (n0 + r) * rb, k0, kb, s.rows + r * KB);
+        for (int r = nr; r < NR; ++r) memset(s.rows + r * KB, 0, (size_t)kb * sizeof(float));
+        transpose_tile(s.rows, kb, s.wt);
+        for (int64_t t = 0; t < tb; t += MR) {
+            const int m = (int)std::min<int64_t>(MR, tb - t);
+            ukernel_rows(m, kb, x + (t0 + t) * K + k0, K, s.wt, s.acc + t * NR, k0 > 0);
+        }
+    }
+    for (int64_t t = 0; t < tb; ++t)
+        memcpy(y + (t0 + t) * N + n0, s.acc + t * NR, (size_t)nr * sizeof(float));
+}
+
+}  // namespace
+
+int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y) {
+    if (block_info(qtype).elems == 0) return DN_E_QTYPE;
+    const int64_t rb = row_bytes(qtype, K);
+    if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
+    const int64_t tiles = (N + NR - 1) / NR;
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        const int64_t tb = std::min(TB, T - t0);
+#pragma omp parallel if (tiles > 1)
+        {
+            Scratch s(tb);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < tiles; ++i) tile(x, t0, tb, K, w, rb, qtype, i * NR, N, y, s);
+        }
+    }
+    return DN_OK;
+}
+
+}  // namespace dn
+
+DN_API int dn_qmatmul(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N,
+                      float* y) {
+    return dn::gemm(x, T, K, w, qtype, N, y);
+}

@@ -1,0 +1,14 @@
+// The tiled quantized matmul shared by dn_qmatmul and dn_moe (see gemm.cpp).
+#pragma once
+
+#include <stdint.h>
+
+namespace dn {
+
+// y[T, N] = x[T, K] @ W[N, K]^T with W in ggml blocks of `qtype`; returns a DN_E_* code.
+int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y);
+
+// Bytes of one weight row of K values (-1 when K is not a whole number of blocks).
+int64_t row_bytes(int qtype, int64_t K);
+
+}  // namespace dn
