@@ -1,0 +1,259 @@
+"""Chat: the GGUF's Jinja chat template, thinking on/off, history, and the prompt cache across turns.
+
+The template is rendered with jinja2 the way transformers 5.23.0 renders it (spec §D.3): an
+`ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)` with the `loopcontrols`
+extension, `raise_exception` and `strftime_now` globals and a `tojson` filter that does not
+HTML-escape. When the file carries no template, `GEMMA4_TEMPLATE` (written for diffcli after the
+structure in §D.3) is used.
+
+Thinking is off by default (transformers and the model card; llama.cpp's runner defaults it on).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Sequence
+
+from .errors import InputError
+
+CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+
+# diffcli's own Gemma-4-shaped template (spec §D.3): BOS; a system turn when thinking is on, tools
+# are given or the first message is a system/developer message; one `<|turn>role ... <turn|>` per
+# message with `assistant` renamed `model` and earlier thoughts stripped from model messages; the
+# generation prompt, which pre-closes an empty thought channel when thinking is off.
+GEMMA4_TEMPLATE = r"""{%- macro content_text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content is iterable -%}
+{%- for part in content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro strip_thinking(text) -%}
+{%- set parts = text.split('<|channel>') -%}
+{%- set ns = namespace(kept=parts[0]) -%}
+{%- for part in parts[1:] if '<channel|>' in part -%}
+{%- set ns.kept = ns.kept + part.split('<channel|>', 1)[1] -%}
+{%- endfor -%}
+{{ ns.kept | trim }}
+{%- endmacro -%}
+{%- set thinking = enable_thinking is defined and enable_thinking -%}
+{%- set rest = messages -%}
+{%- set system = none -%}
+{%- if messages and messages[0].role in ['system', 'developer'] -%}
+{%- set system = content_text(messages[0].content) -%}
+{%- set rest = messages[1:] -%}
+{%- endif -%}
+{{ bos_token }}
+{%- if thinking or tools or system is not none -%}
+{{ '<|turn>system\n' }}
+{%- if thinking -%}{{ '<|think|>' }}{%- endif -%}
+{%- if system is not none -%}{{ system | trim }}{%- endif -%}
+{%- for tool in tools or [] -%}
+{{ '<|tool>declaration:' + (tool.function if tool.function is defined else tool) | tojson + '<tool|>' }}
+{%- endfor -%}
+{{ '<turn|>\n' }}
+{%- endif -%}
+{%- for message in rest -%}
+{%- set role = 'model' if message.role == 'assistant' else message.role -%}
+{%- if role == 'model' -%}
+{%- set text = strip_thinking(content_text(message.content)) -%}
+{%- else -%}
+{%- set text = content_text(message.content) | trim -%}
+{%- endif -%}
+{{ '<|turn>' + role + '\n' + text + '<turn|>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{ '<|turn>model\n' }}
+{%- if not thinking -%}{{ '<|channel>thought\n<channel|>' }}{%- endif -%}
+{%- endif -%}
+"""
+
+
+def _environment():
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise InputError(f"chat template error: {message}")
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators=None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt: str) -> str:
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env
+
+
+class ChatTemplate:
+    """A compiled chat template. `render(messages, ...)` returns the prompt text."""
+
+    def __init__(self, source: str | None, *, bos_token: str = "<bos>", eos_token: str = "<eos>",
+                 path: str | None = None):
+        import jinja2
+        self.source = source or GEMMA4_TEMPLATE
+        self.builtin = not source
+        self.bos_token, self.eos_token, self.path = bos_token, eos_token, path
+        try:
+            self._template = _environment().from_string(self.source)
+        except jinja2.TemplateError as exc:
+            raise InputError(f"the chat template does not parse: {exc}", path=path,
+                             fix="pass --chat-template-file with a working template, or --no-chat-template") from None
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+               enable_thinking: bool = False, tools: list | None = None, **extra: Any) -> str:
+        import jinja2
+        ctx = dict(extra)
+        ctx.update(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                   bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
+        if enable_thinking:    # leave it undefined otherwise, as transformers does
+            ctx["enable_thinking"] = True
+        try:
+            return self._template.render(**ctx)
+        except jinja2.TemplateError as exc:
+            raise InputError(f"the chat template failed to render: {exc}", path=self.path,
+                             fix="check the messages, or pass --no-chat-template") from None
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """Reply text -> (thinking, answer). `<|channel>NAME\\n...<channel|>` spans are the thought
+    channel (the channel name line is dropped); an unclosed channel runs to the end."""
+    thought, answer, pos = [], [], 0
+    while True:
+        i = text.find(CHANNEL_OPEN, pos)
+        if i < 0:
+            answer.append(text[pos:])
+            break
+        answer.append(text[pos:i])
+        j = text.find(CHANNEL_CLOSE, i)
+        body = text[i + len(CHANNEL_OPEN): j if j >= 0 else len(text)]
+        name, nl, rest = body.partition("\n")
+        thought.append(rest if nl and name.strip().isidentifier() else body)
+        if j < 0:
+            break
+        pos = j + len(CHANNEL_CLOSE)
+    return "".join(thought).strip(), "".join(answer)
+
+
+@dataclass
+class Conversation:
+    """Chat history rendered to token ids; the system prompt survives /clear."""
+
+    template: ChatTemplate
+    tokenizer: Any
+    system: str | None = None
+    enable_thinking: bool = False
+    template_kwargs: dict = field(default_factory=dict)
+    use_template: bool = True
+    messages: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def add_user(self, text: str) -> None:
+        self.messages.append({"role": "user", "content": text})
+
+    def add_reply(self, answer: str) -> None:
+        self.messages.append({"role": "assistant", "content": answer})
+
+    def drop_last_user(self) -> None:
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
+
+    def prompt_text(self) -> str:
+        if not self.use_template:   # raw mode: the texts as they are, one after the other
+            return "\n".join(m["content"] for m in self.messages)
+        kw = dict(self.template_kwargs)
+        thinking = bool(kw.pop("enable_thinking", self.enable_thinking))
+        return self.template.render(self.messages, enable_thinking=thinking, **kw)
+
+    def prompt_ids(self) -> list[int]:
+        return encode_prompt(self.tokenizer, self.prompt_text())
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Tokenize a rendered prompt with exactly one BOS in front (the template writes `<bos>` as
+    text; the vocabulary would add another)."""
+    ids = tokenizer.encode(text, add_bos=False, parse_special=True)
+    bos = tokenizer.bos_id
+    if bos is None:
+        return ids
+    while ids and ids[0] == bos:
+        ids = ids[1:]
+    return [bos] + ids if tokenizer.add_bos or text.startswith(tokenizer.id_to_token(bos)) else ids
+
+
+class PrefixCachedModel:
+    """A model proxy that keeps the encoder cache of the previous prompt and, for the next one,
+    only encodes the tokens after the longest cached prefix (spec FIELD: "chat that keeps the
+    prompt KV across turns").
+
+    The model's cache can be snapshotted (`cache.copy()`) but not truncated (sliding layers keep
+    only the last W-1 keys), so snapshots are taken where the next turn's prompt can diverge: just
+    before the last turn-opening token (`<|turn>`) — the next turn re-renders the model turn with
+    its answer there instead of the generation prompt. Everything else is passed through.
+    """
+
+    def __init__(self, model, checkpoint_id: int | None = None):
+        self._model = model
+        self._checkpoint_id = checkpoint_id
+        self._snapshots: list[tuple[list[int], Any]] = []   # (ids in the cache, cache)
+        self.encoded_tokens = 0                             # tokens run through the encoder
+        self.reused_tokens = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def reset(self) -> None:
+        self._snapshots.clear()
+
+    def encode(self, prompt_ids):
+        ids = [int(i) for i in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
+        best, cache = 0, None
+        for snap_ids, snap in self._snapshots:
+            if len(snap_ids) > best and ids[:len(snap_ids)] == snap_ids:
+                best, cache = len(snap_ids), snap
+        cut = len(ids)
+        if self._checkpoint_id is not None and self._checkpoint_id in ids[best:]:
+            cut = len(ids) - 1 - ids[::-1].index(self._checkpoint_id)
+        if cache is None:
+            cache = self._model.new_cache() if hasattr(self._model, "new_cache") else None
+        else:
+            cache = cache.copy()
+        self.reused_tokens += best
+        pieces = [(best, cut), (cut, len(ids))] if best < cut < len(ids) else [(best, len(ids))]
+        snapshots = []
+        for lo, hi in pieces:
+            if hi <= lo:
+                continue
+            if cache is None:
+                cache = self._model.encode(_like(prompt_ids, ids[lo:hi]))
+            else:
+                cache = self._model.commit(cache, _like(prompt_ids, ids[lo:hi]))
+            self.encoded_tokens += hi - lo
+            if hi == cut and hasattr(cache, "copy"):
+                snapshots.append((ids[:hi], cache.copy()))
+        if cache is None:      # an empty prompt: nothing to encode
+            cache = self._model.encode(prompt_ids)
+        if hasattr(cache, "copy"):
+            snapshots.append((ids, cache.copy()))
+            self._snapshots = snapshots     # older turns' snapshots are never a prefix again
+        return cache
+
+
+def _like(template, ids: list[int]):
+    """ids in the same container type the caller used (tensor or list)."""
+    if hasattr(template, "new_tensor"):
+        return template.new_tensor(ids)
+    return ids
