@@ -1,0 +1,165 @@
+"""The C++ CPU kernels (kernels/native, loaded by diffcli.native) against the oracles.
+
+- dequantization: bit-exact against gguf.quants.dequantize (and so against quants.dequantize_torch)
+  on random valid blocks;
+- qmatmul: against x @ W.T in float64 with W dequantized by gguf-py, for odd T and N (tail tiles)
+  and K spanning several 256-wide slices or ending in a partial one;
+- moe: against ops.moe_torch on gguf-py-dequantized float64 weights, with idle experts.
+
+The library is built once per session into a temporary folder (cmake + a C++17 compiler).
+"""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from diffcli import native, ops, quants
+from diffcli.backend import set_backend
+from diffcli.qtensor import QTensor
+
+from _qblocks import random_blocks, reference
+
+QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
+FLOAT_TYPES = ["F32", "F16", "BF16"]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("cmake or a C++ compiler is missing, so the native library cannot be built")
+    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True)
+    assert native.use_library(path), f"{path} was built but does not load"
+    yield path
+    native.use_library(None)
+    set_backend(None)
+
+
+@pytest.fixture
+def native_backend(lib):
+    set_backend("native")
+    yield
+    set_backend(None)
+
+
+def _float_raw(qtype, shape, rng):
+    vals = (rng.standard_normal(int(np.prod(shape))) * 0.1).astype(np.float32)
+    if qtype == "F32":
+        return vals.view(np.uint8)
+    if qtype == "F16":
+        return vals.astype(np.float16).view(np.uint8)
+    return (vals.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)   # BF16: upper half
+
+
+def _weights(qtype, shape, rng, scale=0.05):
+    """(QTensor, fp64 reference from gguf-py) for a random tensor of torch-order `shape`."""
+    if qtype in FLOAT_TYPES:
+        raw = _float_raw(qtype, shape, rng)
+        ref = gguf_dequantize(raw, GGMLQuantizationType[qtype]).astype(np.float32)
+        ref = torch.from_numpy(np.ascontiguousarray(ref)).reshape(shape)
+    else:
+        raw = random_blocks(qtype, shape, rng, scale=scale)
+        ref = reference(raw, qtype, shape)
+    return QTensor(torch.from_numpy(raw), qtype, tuple(shape), qtype), ref.double()
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES)
+def test_dequantize_bit_exact(lib, qtype):
+    rng = np.random.default_rng(1)
+    qt, ref = _weights(qtype, (24, 512), rng, scale=1.0)
+    got = native.dequantize(qt)
+    assert got.shape == (24, 512)
+    # compare bit patterns: equal values, equal signs of zero
+    assert torch.equal(got.view(torch.int32), ref.float().view(torch.int32))
+    assert torch.equal(got.view(torch.int32), quants.dequantize_torch(qt.raw, qtype).view(torch.int32)
+                       .view(24, 512))
+
+
+def _check_matmul(y, x, ref):
+    exact = x.double() @ ref.T                                          # [T, N]
+    bound = 1e-5 * (x.double().abs() @ ref.abs().T) + 1e-7              # fp32 accumulation slack
+    assert y.dtype == x.dtype and y.shape == exact.shape
+    assert torch.isfinite(y).all()
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3e} (bound {bound.min():.3e}..)"
+
+
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q6_K", 512), ("Q8_0", 288), ("Q5_0", 96),
+                                     ("F32", 100), ("F16", 272), ("BF16", 64)])
+@pytest.mark.parametrize("T", [1, 3, 37, 256])
+def test_qmatmul(lib, qtype, K, T):
+    rng = np.random.default_rng(T)
+    qt, ref = _weights(qtype, (37, K), rng)                             # N = 37: a partial tile
+    x = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32))
+    _check_matmul(native.qmatmul(x, qt), x, ref)
+
+
+def test_qlinear_dispatches_to_native(native_backend):
+    rng = np.random.default_rng(5)
+    qt, ref = _weights("Q4_K", (40, 256), rng)
+    x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32))
+    y = ops.qlinear(x, qt)
+    _check_matmul(y, x, ref)
+    assert torch.equal(y, native.qmatmul(x, qt))
+    yb = ops.qlinear(x.bfloat16(), qt)                                  # bf16 in, bf16 out
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.float(), native.qmatmul(x.bfloat16().float(), qt), rtol=1e-2, atol=1e-2)
+
+
+def _routing(T, A, E, used, gen):
+    experts = torch.randperm(E, generator=gen)[:used]                   # the other experts idle
+    ids = torch.stack([experts[torch.randperm(used, generator=gen)[:A]] for _ in range(T)])
+    w = torch.rand(T, A, generator=gen) + 0.1
+    return ids, w / w.sum(-1, keepdim=True) * 1.3
+
+
+@pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q6_K", 256), ("Q8_0", "Q5_0", 96),
+                                               ("Q4_K", "Q8_0", 96), ("F16", "BF16", 48)])
+@pytest.mark.parametrize("T", [1, 37, 256])
+def test_moe(native_backend, gu_type, dn_type, F, T):
+    E, A, K = 8, 3, 256
+    rng = np.random.default_rng(T)
+    gen = torch.Generator().manual_seed(T)
+    gu, gu_ref = _weights(gu_type, (E, 2 * F, K), rng)
+    dn, dn_ref = _weights(dn_type, (E, K, F), rng)
+    x = torch.randn(T, K, generator=gen)
+    ids, w = _routing(T, A, E, used=6, gen=gen)
+    y = ops.moe_experts(x, gu, dn, ids, w)                              # dispatches to native.moe
+    ref = ops.moe_torch(x.double(), gu_ref, dn_ref, ids, w.double())
+    assert y.shape == (T, K) and y.dtype == torch.float32
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, f"relative error {err:.2e}"
+    assert torch.equal(y, native.moe(x, gu, dn, ids, w))
+
+
+def test_results_do_not_depend_on_threads(lib):
+    rng = np.random.default_rng(3)
+    gen = torch.Generator().manual_seed(3)
+    gu, _ = _weights("Q4_K", (4, 192, 256), rng)
+    dn, _ = _weights("Q8_0", (4, 256, 96), rng)
+    x = torch.randn(50, 256, generator=gen)
+    ids, w = _routing(50, 2, 4, used=4, gen=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (native.qmatmul(x, gu[0]), native.moe(x, gu, dn, ids, w))
+        torch.set_num_threads(2)
+        two = (native.qmatmul(x, gu[0]), native.moe(x, gu, dn, ids, w))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_bad_calls_raise(lib):
+    rng = np.random.default_rng(4)
+    qt, _ = _weights("Q8_0", (16, 64), rng)
+    with pytest.raises(ValueError, match="features"):
+        native.qmatmul(torch.zeros(2, 32), qt)
+    gu, _ = _weights("Q8_0", (2, 64, 64), rng)
+    dn, _ = _weights("Q8_0", (2, 64, 32), rng)
+    with pytest.raises(ValueError, match="expert id out of range"):
+        native.moe(torch.zeros(1, 64), gu, dn, torch.tensor([[2]]), torch.ones(1, 1))
+    assert native.supports("Q4_K") and not native.supports("IQ4_XS")
+    assert native.main(["frobnicate"]) == 2
