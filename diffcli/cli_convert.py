@@ -1,0 +1,30 @@
+"""`diffcli convert HF_DIR -o OUT.gguf --outtype q8_0`: the command-line face of `diffcli.convert`."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .convert import OUTTYPES
+
+
+@click.command("convert")
+@click.argument("hf_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--outfile", "out", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF path [default: HF_DIR/<name>-<outtype>.gguf].")
+@click.option("--outtype", type=click.Choice(OUTTYPES, case_sensitive=False), default="bf16",
+              show_default=True, help="Tensor type of the weight matrices (norms and the router stay F32).")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--verbose", is_flag=True, hidden=True)
+def convert_cmd(hf_dir: Path, out: Path | None, outtype: str, force: bool, verbose: bool) -> None:
+    """Convert a Hugging Face DiffusionGemma checkpoint to a GGUF file (llama.cpp PR #24423 layout)."""
+    from .convert import convert
+
+    outtype = outtype.lower()
+    if out is None:
+        out = hf_dir / f"{hf_dir.resolve().name}-{outtype}.gguf"
+    start = time.perf_counter()
+    path = convert(hf_dir, out, outtype, overwrite=force)
+    size = path.stat().st_size / 2**30
+    click.echo(f"wrote {path} ({size:.2f} GiB, {outtype}) in {time.perf_counter() - start:.1f} s", err=True)
