@@ -28,6 +28,7 @@ from .qmatmul import LAYOUT, QTYPE_ID, _dot_acc, check_blocks, decode_tile, dot_
 def _gelu_tanh(g):
     # 0.5*g*(1 + tanh(u)) == g*sigmoid(2u), u = sqrt(2/pi)*(g + 0.044715 g^3); sigmoid is in every tl
     u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    u = tl.minimum(tl.maximum(u, -30.0), 30.0)          # sigmoid is 0/1 there; avoids exp overflow
     return g * tl.sigmoid(2.0 * u)
 
 
@@ -128,9 +129,9 @@ def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch
     assert tuple(down.shape) == (E, K, F), f"down {tuple(down.shape)}, expected {(E, K, F)}"
     assert ids.shape == weights.shape and ids.dim() == 2 and ids.shape[0] == T
     assert not ids.dtype.is_floating_point, "ids must be integer expert indices"
-    assert gate_up.qtype in LAYOUT and down.qtype in LAYOUT, \
-        f"moe_triton: unsupported types {gate_up.qtype}/{down.qtype}"
     assert x.device == ids.device == weights.device == gate_up.raw.device == down.raw.device
+    if gate_up.qtype not in LAYOUT or down.qtype not in LAYOUT:
+        return _moe_unfused(x, gate_up, down, ids, weights)
     A = ids.shape[1]
     P = T * A
     out = torch.empty_like(x)
@@ -160,3 +161,19 @@ def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch
         QT=QTYPE_ID[down.qtype], NSUB=nsub, SUB=sub, BM=bm, BN=block_n, DOT_F32=f32,
         num_warps=num_warps, num_stages=num_stages)
     return y.view(T, A, K).sum(dim=1).to(x.dtype)
+
+
+def _moe_unfused(x, gate_up, down, ids, weights):
+    """Formats without a fused decoder: per-expert Triton dequantize + matmul (slow, rare)."""
+    from .dequant import dequantize_triton
+    E, F2, K = gate_up.shape
+    T, A = ids.shape
+    out = torch.zeros((T, K), dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():                                   # host sync, rare path
+        t, a = torch.nonzero(ids == e, as_tuple=True)
+        gu = dequantize_triton(gate_up[e].raw, gate_up.qtype, F2 * K, x.dtype).view(F2, K)
+        dn = dequantize_triton(down[e].raw, down.qtype, K * F2 // 2, x.dtype).view(K, F2 // 2)
+        g, u = (x[t] @ gu.t()).float().chunk(2, dim=-1)
+        h = (torch.nn.functional.gelu(g, approximate="tanh") * u).to(x.dtype)
+        out.index_add_(0, t, (h @ dn.t()).float() * weights[t, a, None].float())
+    return out.to(x.dtype)

@@ -210,7 +210,10 @@ def qmatmul(x: torch.Tensor, qt, block_n: int = 64, num_warps: int = 4, num_stag
     if qt.qtype in FLOAT_TYPES:
         w = qt.raw.view(FLOAT_TYPES[qt.qtype]).view(N, K)
         return (x.float() @ w.float().t()).to(x.dtype) if x.dtype != w.dtype else x @ w.t()
-    assert qt.qtype in LAYOUT, f"qmatmul: unsupported type {qt.qtype}"
+    if qt.qtype not in LAYOUT:
+        # formats without a fused decoder (Q4_0, Q2_K, IQ4_NL, ...): Triton dequantize, then matmul
+        from .dequant import dequantize_triton
+        return x @ dequantize_triton(qt.raw, qt.qtype, N * K, x.dtype).view(N, K).t()
     per, _, nsub, sub = LAYOUT[qt.qtype]
     row_bytes = check_blocks(qt.raw, qt.qtype, N, K)
     x = x.contiguous()
