@@ -115,18 +115,22 @@ class HParams:
         types[-1] = "full_attention"   # transformers forces this too
         # Global layers' head dim and KV heads: transformers 5.23 saves them as per-layer overrides;
         # a config written by hand may carry the constructor kwargs instead.
-        per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
-        full = [i for i, t in enumerate(types) if t == "full_attention"]
-        over = per_layer.get(full[0], {}) if full else {}
-        head_dim_full = int(over.get("head_dim", text.get("global_head_dim", 512)))
-        kv_full = int(over.get("num_key_value_heads",
-                               text.get("num_global_key_value_heads") or text["num_key_value_heads"]))
+        # transformers leaves out an override equal to the base value.
+        head_dim = int(text.get("head_dim", 256))
+        if "per_layer_config" in text:
+            per_layer = {int(k): v for k, v in (text["per_layer_config"] or {}).items()}
+            over = per_layer.get(types.index("full_attention"), {})
+            head_dim_full = int(over.get("head_dim", head_dim))
+            kv_full = int(over.get("num_key_value_heads", text["num_key_value_heads"]))
+        else:
+            head_dim_full = int(text.get("global_head_dim", 512))
+            kv_full = int(text.get("num_global_key_value_heads") or text["num_key_value_heads"])
         rope = text.get("rope_parameters") or {}
         rope_full, rope_swa = rope.get("full_attention", {}), rope.get("sliding_attention", {})
         return cls(
             n_layer=n_layer, hidden=int(text["hidden_size"]), ff=int(text["intermediate_size"]),
             n_head=int(text["num_attention_heads"]), kv_sliding=int(text["num_key_value_heads"]),
-            kv_full=kv_full, head_dim=int(text.get("head_dim", 256)), head_dim_full=head_dim_full,
+            kv_full=kv_full, head_dim=head_dim, head_dim_full=head_dim_full,
             layer_types=types, sliding_window=int(text["sliding_window"]),
             n_expert=int(text["num_experts"]), n_expert_used=int(text["top_k_experts"]),
             ff_exp=int(text["moe_intermediate_size"]), vocab_size=int(text["vocab_size"]),
