@@ -281,4 +281,6 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if cache_embedding is None:
         cache_embedding = device.type != "cpu"
-    return DiffusionGemma(cfg, weights, device, dtype, cache_embedding)
+    model = DiffusionGemma(cfg, weights, device, dtype, cache_embedding)
+    model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer
+    return model

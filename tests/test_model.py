@@ -1,0 +1,370 @@
+"""diffcli.model against transformers 5.23.0 (spec §G): tiny random DiffusionGemma models
+exported to GGUF, the same encode / denoise / commit sequence run through both.
+
+The HF side is driven as spec §G.2 says: `hf(input_ids=prompt, decoder_input_ids=canvas)` for
+prefill + first step, `hf(past_key_values=..., decoder_input_ids=..., self_conditioning_logits=...)`
+for later steps, and `hf.model.encoder(input_ids=canvas, past_key_values=...)` to commit a
+canvas, as DiffusionGemmaGenerationMixin.generate does.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import diffcli
+from diffcli.backend import set_backend
+from diffcli.errors import InputError
+
+TOL = 1e-4          # max |Δlogit| against transformers, float32 (spec §G.4)
+PROMPT = torch.tensor([2] + list(range(10, 21)))    # 12 tokens > sliding window 8
+
+
+def _tiny(tmp_path_factory, variant, outtype="f32", seed=0, **overrides):
+    from diffcli.testing import make_tiny_gguf
+    path = tmp_path_factory.mktemp(f"{variant}_{outtype}") / "tiny.gguf"
+    return make_tiny_gguf(path, outtype=outtype, seed=seed, variant=variant, **overrides)
+
+
+@pytest.fixture
+def backends():
+    """The CPU backends to check: torch always, the C++ library when it is built."""
+    from diffcli import native
+    yield ["torch"] + (["native"] if native.available() else [])
+    set_backend(None)
+
+
+@pytest.fixture(scope="module", params=["h64", "h96"])
+def tiny(request, tmp_path_factory):
+    path, hf = _tiny(tmp_path_factory, request.param)
+    return diffcli.load(path), hf.eval()
+
+
+def _canvas(seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, 500, (n,), generator=g)     # skip pad (row 0 is zero) and specials
+
+
+def _hf_run(hf, commits=3):
+    """transformers on the scenario: prefill + a step without and one with SC, then `commits`
+    canvases committed, each followed by a step without and one with SC (the SC input being
+    the previous step's logits over a temperature). Returns the steps, each
+    (label, canvas or committed ids, sc logits, reference logits), and the HF cache."""
+    steps = []
+    canvas = _canvas(1)
+    with torch.no_grad():
+        out = hf(input_ids=PROMPT[None], decoder_input_ids=canvas[None])
+    pkv = out.past_key_values
+    steps.append(("prefill step 1", canvas, None, out.logits[0]))
+    for b in range(-1, commits):
+        if b >= 0:
+            block = _canvas(10 + b)
+            with torch.no_grad():
+                hf.model.encoder(input_ids=block[None], past_key_values=pkv)
+            steps.append((f"commit {b}", block, None, None))
+            canvas = _canvas(20 + b)
+            with torch.no_grad():
+                first = hf(past_key_values=pkv, decoder_input_ids=canvas[None]).logits[0]
+            steps.append((f"commit {b} step 1", canvas, None, first))
+        sc = steps[-1][3] / (0.8 if b < 0 else 0.6)
+        with torch.no_grad():
+            ref = hf(past_key_values=pkv, decoder_input_ids=canvas[None],
+                     self_conditioning_logits=sc[None]).logits[0]
+        steps.append((f"{'prefill' if b < 0 else f'commit {b}'} step 2 (SC)", canvas, sc, ref))
+    return steps, pkv
+
+
+def _replay(model, steps):
+    """Our model on the same steps; yields (label, our logits, reference logits), then the cache."""
+    cache = model.encode(PROMPT)
+    for label, ids, sc, ref in steps:
+        if ref is None:
+            model.commit(cache, ids)
+        else:
+            yield label, model.denoise(cache, ids, sc), ref
+    yield cache
+
+
+def _check(model, steps, what=""):
+    *pairs, cache = _replay(model, steps)
+    for label, ours, theirs in pairs:
+        assert ours.dtype == torch.float32 and ours.shape == (16, model.config.vocab_size)
+        err = (ours - theirs).abs().max().item()
+        assert err <= TOL, f"{what} {label}: max |Δlogit| = {err:.2e}"
+    return pairs, cache
+
+
+def test_logits_match_transformers(tiny, backends):
+    model, hf = tiny
+    steps, pkv = _hf_run(hf)
+    for b in backends:
+        set_backend(b)
+        pairs, cache = _check(model, steps, f"backend {b}")
+        assert len(pairs) == 8 and cache.length == pkv.get_seq_length() == 12 + 3 * 16
+
+
+def test_cache_matches_transformers(tiny):
+    """Per-layer K/V after prefill and commits: sliding layers hold the last W-1 positions,
+    global layers all of them, with the same values as transformers' DynamicCache."""
+    model, hf = tiny
+    steps, pkv = _hf_run(hf, commits=2)
+    *_, cache = _replay(model, steps)
+    W = model.config.sliding_window
+    for i, layer in enumerate(pkv.layers):
+        want_k, want_v = layer.keys[0], layer.values[0]            # [Nkv, L, D]
+        expect_len = W - 1 if model.config.is_sliding(i) else cache.length
+        assert cache.keys[i].shape == want_k.shape and want_k.shape[1] == expect_len
+        assert (cache.keys[i] - want_k).abs().max() <= 1e-5
+        assert (cache.values[i] - want_v).abs().max() <= 1e-5
+
+
+def test_uncached_matches_cached(tiny):
+    model, _ = tiny
+    prefix = torch.cat([PROMPT, _canvas(10), _canvas(11)])        # 44 tokens
+    cache = model.encode(PROMPT)
+    model.commit(cache, _canvas(10))
+    model.commit(cache, _canvas(11))
+    canvas = _canvas(30)
+    sc = torch.randn(16, model.config.vocab_size, generator=torch.Generator().manual_seed(4)) * 3
+    for s in (None, sc):
+        want = model.denoise(cache, canvas, s)
+        got = model.denoise_uncached(prefix, canvas, s)
+        assert (got - want).abs().max() <= 1e-5
+    # one long encode equals prompt + commits (positions and windows carry over)
+    whole = model.encode(prefix)
+    assert whole.length == cache.length
+    for a, b in zip(whole.keys + whole.values, cache.keys + cache.values):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_denoise_reads_cache_only(tiny):
+    model, _ = tiny
+    cache = model.encode(PROMPT)
+    before = [t.clone() for t in cache.keys + cache.values]
+    logits = model.denoise(cache, _canvas(5))
+    model.denoise(cache, _canvas(6), logits)
+    assert cache.length == PROMPT.numel()
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.keys + cache.values))
+
+
+# -- quantized files: same model, weights as the file stores them ------------------------------
+
+# spec §A.5: HF decoder parameter -> GGUF tensor (the encoder shares every one of these)
+_HF_TO_GGUF = {
+    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+    "self_conditioning.pre_norm.weight": "self_cond_pre_norm.weight",
+    "self_conditioning.gate_proj.weight": "self_cond_gate.weight",
+    "self_conditioning.up_proj.weight": "self_cond_up.weight",
+    "self_conditioning.down_proj.weight": "self_cond_down.weight",
+}
+_HF_LAYER_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
+    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
+    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "router.proj.weight": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
+    "router.per_expert_scale": "ffn_down_exps.scale",
+    "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
+}
+
+
+def _load_file_weights_into(hf, path):
+    """Give the HF model the weights exactly as the GGUF stores them, dequantized by gguf-py."""
+    reader = gguf.GGUFReader(path)
+    stored = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+              for t in reader.tensors}
+    dec = hf.model.decoder
+    with torch.no_grad():
+        for name, p in dec.named_parameters():
+            if name.startswith("layers."):
+                _, i, rest = name.split(".", 2)
+                key = f"blk.{i}.{_HF_LAYER_TO_GGUF[rest]}"
+            else:
+                key = _HF_TO_GGUF[name]
+            p.copy_(stored[key].reshape(p.shape))
+
+
+@pytest.mark.parametrize("outtype,hidden,types", [
+    ("f16", 64, ("F16", "F16")), ("bf16", 64, ("BF16", "BF16")), ("q8_0", 64, ("Q8_0", "Q8_0")),
+    ("q4_k_m", 256, ("Q4_K", "Q6_K")),     # rows of 256, so the K-quants really are used
+])
+def test_quantized_file_matches_transformers(tmp_path_factory, backends, outtype, hidden, types):
+    """The HF model gets the weights exactly as the file stores them (dequantized by gguf-py),
+    so our quantized path must match it as tightly as the float32 file does."""
+    path, hf = _tiny(tmp_path_factory, "h64", outtype=outtype, seed=1, hidden_size=hidden)
+    model = diffcli.load(path)
+    assert (model.w.layers[0].wq.qtype, model.w.embed.qtype) == types
+    _load_file_weights_into(hf.eval(), path)
+    steps, _ = _hf_run(hf, commits=1)
+    for b in backends:
+        set_backend(b)
+        _check(model, steps, f"{outtype} backend {b}")
+
+
+# -- loading: validation, memory, no transformers -------------------------------------------------
+
+def _random_gguf(path, H=64, V=512, n_layer=2, qtype=gguf.GGMLQuantizationType.F32, drop=(),
+                 retype=None, seed=0):
+    """A diffusion-gemma GGUF with random weights (no transformers): for loader tests."""
+    rng = np.random.default_rng(seed)
+    Nq, D, Dg, Nkv, Nkvg, F, E, Fe, W = 4, 16, 32, 2, 1, 96, 8, 32, 8
+    sliding = [i % 2 == 0 for i in range(n_layer)]
+    A = "diffusion-gemma."
+    w = gguf.GGUFWriter(str(path), "diffusion-gemma")
+    for k, v in {"block_count": n_layer, "context_length": 4096, "embedding_length": H,
+                 "feed_forward_length": F, "attention.head_count": Nq, "expert_count": E,
+                 "expert_used_count": 2, "attention.key_length": Dg, "attention.value_length": Dg,
+                 "attention.sliding_window": W, "attention.key_length_swa": D,
+                 "attention.value_length_swa": D, "expert_feed_forward_length": Fe}.items():
+        w.add_uint32(A + k, v)
+    w.add_array(A + "attention.head_count_kv", [Nkv if s else Nkvg for s in sliding])
+    w.add_array(A + "attention.sliding_window_pattern", sliding)
+    w.add_float32(A + "attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_uint32("diffusion.canvas_length", 16)
+    shapes = {"token_embd.weight": (V, H), "output_norm.weight": (H,),
+              "rope_freqs.weight": (Dg // 2,), "self_cond_pre_norm.weight": (H,),
+              "self_cond_gate.weight": (F, H), "self_cond_up.weight": (F, H),
+              "self_cond_down.weight": (H, F)}
+    for i, s in enumerate(sliding):
+        d, kv = (D, Nkv) if s else (Dg, Nkvg)
+        layer = {"attn_norm.weight": (H,), "attn_q.weight": (Nq * d, H), "attn_k.weight": (kv * d, H),
+                 "attn_output.weight": (H, Nq * d), "attn_q_norm.weight": (d,),
+                 "attn_k_norm.weight": (d,), "post_attention_norm.weight": (H,),
+                 "ffn_norm.weight": (H,), "ffn_gate.weight": (F, H), "ffn_up.weight": (F, H),
+                 "ffn_down.weight": (H, F), "post_ffw_norm_1.weight": (H,),
+                 "pre_ffw_norm_2.weight": (H,), "ffn_gate_inp.weight": (E, H),
+                 "ffn_gate_inp.scale": (H,), "ffn_gate_up_exps.weight": (E, 2 * Fe, H),
+                 "ffn_down_exps.weight": (E, H, Fe), "ffn_down_exps.scale": (E,),
+                 "post_ffw_norm_2.weight": (H,), "post_ffw_norm.weight": (H,),
+                 "layer_output_scale.weight": (1,), "enc_layer_output_scale.weight": (1,)}
+        if s:
+            layer["attn_v.weight"] = (kv * d, H)
+        shapes.update({f"blk.{i}.{k}": v for k, v in layer.items()})
+    for name, shape in shapes.items():
+        if name in drop:
+            continue
+        arr = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+        if name == "rope_freqs.weight":
+            arr = np.array([1.0] * 4 + [1e30] * (Dg // 2 - 4), dtype=np.float32)
+        t = (retype or {}).get(name, qtype if len(shape) > 1 and "gate_inp" not in name
+                               else gguf.GGMLQuantizationType.F32)
+        if t == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, arr)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr, t), raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = _random_gguf(tmp_path / "m.gguf", drop=("blk.1.ffn_gate_up_exps.weight",))
+    with pytest.raises(InputError, match=r"blk\.1\.ffn_gate_up_exps\.weight.*missing"):
+        diffcli.load(path)
+
+
+def test_unsupported_qtype_is_rejected(tmp_path):
+    q41 = gguf.GGMLQuantizationType.Q4_1
+    path = _random_gguf(tmp_path / "q.gguf", retype={"blk.0.attn_q.weight": q41})
+    with pytest.raises(InputError, match=r"blk\.0\.attn_q\.weight.*Q4_1"):
+        diffcli.load(path)
+
+
+def test_shape_mismatch_is_rejected(tmp_path):
+    path = _random_gguf(tmp_path / "s.gguf", V=512)
+    # a file whose metadata says 2 KV heads on a layer whose K projection has 1
+    from diffcli.config import ModelConfig
+    from diffcli.weights import validate
+    f = diffcli.open_gguf(path)
+    cfg = ModelConfig.from_gguf(f)
+    cfg.n_head_kv[1] = 2
+    with pytest.raises(InputError, match=r"blk\.1\.attn_k\.weight.*shape"):
+        validate(f, cfg)
+
+
+def test_loading_keeps_weights_quantized_and_mapped(tmp_path):
+    """Every matrix is a QTensor viewing the file's mmap at its own offset (no copy); the float
+    tensors the model holds are only the small norms/scales/router."""
+    path = _random_gguf(tmp_path / "w.gguf", qtype=gguf.GGMLQuantizationType.F16)
+    model = diffcli.load(path)
+    f = model.gguf
+    base, size = f._map.ctypes.data, os.path.getsize(path)
+    float_bytes, quantized = 0, 0
+    for name, t in model.w.tensors():
+        if isinstance(t, diffcli.QTensor):
+            info = f.info(t.name)
+            assert t.qtype == "F16" and t.raw.numel() == info.nbytes, name
+            assert t.raw.data_ptr() - base == info.offset, name
+            quantized += 1
+        else:
+            float_bytes += t.numel() * t.element_size()
+    assert quantized == 4 + 9 + 8     # globals, sliding layer (with attn_v), global layer
+    assert float_bytes < 0.05 * size, float_bytes
+
+
+def test_load_does_not_dequantize_the_model(tmp_path):
+    """Peak RSS growth of `load` stays far below the file size (F32 weights: a dequantized copy
+    would double it)."""
+    small = _random_gguf(tmp_path / "small.gguf")
+    path = _random_gguf(tmp_path / "big.gguf", H=256, V=32768, n_layer=2)   # 36 MB
+    size = os.path.getsize(path)
+    code = textwrap.dedent(f"""
+        import resource, diffcli, torch, diffcli.model
+        def rss():
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * resource.getpagesize()
+        diffcli.load({str(small)!r})    # one-off lazy initialisation (torch, gguf) not counted
+        before = rss()
+        m = diffcli.load({str(path)!r})
+        print(rss() - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 0.2 * size, f"load grew RSS by {grown:,} bytes for a {size:,}-byte file"
+
+
+def test_runtime_does_not_import_transformers(tmp_path):
+    path = _random_gguf(tmp_path / "r.gguf")
+    code = textwrap.dedent(f"""
+        import sys, torch, diffcli, diffcli.model
+        m = diffcli.load({str(path)!r})
+        cache = m.encode(torch.tensor([2, 5, 6]))
+        logits = m.denoise(cache, torch.arange(16) + 5)
+        m.denoise(cache, torch.arange(16) + 5, logits)
+        m.commit(cache, torch.arange(16) + 5)
+        print("transformers" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _short_run(model):
+    cache = model.encode(PROMPT)
+    first = model.denoise(cache, _canvas(1))
+    model.commit(cache, _canvas(2))
+    return first, model.denoise(cache, _canvas(3), first.cpu() / 0.7)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_close_to_cpu_fp32(tmp_path_factory):
+    path, _ = _tiny(tmp_path_factory, "h96", seed=2)
+    gpu = diffcli.load(path, device="cuda")
+    assert gpu.dtype == torch.bfloat16
+    for a, b in zip(_short_run(diffcli.load(path)), _short_run(gpu)):
+        assert b.dtype == torch.float32 and b.device.type == "cuda"
+        assert (a - b.cpu()).abs().max() <= 0.05
