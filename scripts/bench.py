@@ -119,14 +119,12 @@ def bench_qmatmul(shapes, T: int, dtype, device, reps: int, sweep: bool) -> list
                    fused_GBps=qt.nbytes / t_fused / 1e6)
         if sweep:
             best = (t_fused, 64, 4, 2)
-            for bn in (32, 64, 128):
-                for nw in (4, 8):
-                    for ns in (2, 3):
-                        t = timeit(lambda: qmatmul(x, qt, block_n=bn, num_warps=nw, num_stages=ns),
-                                   reps)
-                        best = min(best, (t, bn, nw, ns))
+            for bn, nw, ns in ((32, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3)):
+                t = timeit(lambda: qmatmul(x, qt, block_n=bn, num_warps=nw, num_stages=ns), reps)
+                best = min(best, (t, bn, nw, ns))
             row.update(best_ms=best[0], best_cfg=f"BN={best[1]} warps={best[2]} stages={best[3]}")
         rows.append(row)
+        print(row, flush=True)
         del qt, w, wd, ref
     return rows
 
@@ -154,6 +152,7 @@ def bench_moe(T, A, E, K, F, types, dtype, device, reps: int) -> list[dict]:
                          shape=f"{T}x{K} top{A}/{E} F={F}", max_abs_err=amax, rel_err=rel,
                          fused_ms=t_fused, torch_ms=t_torch, speedup_vs_torch=t_torch / t_fused,
                          fused_GBps=(gu.nbytes + dn.nbytes) / t_fused / 1e6))
+        print(rows[-1], flush=True)
         del gu, dn
     return rows
 
@@ -179,6 +178,7 @@ def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
     dt = time.perf_counter() - t0
     rows.append(dict(section="model", name=f"prefill {prompt_len} tokens",
                      value=prompt_len / dt, unit="tok/s", ms=1e3 * dt))
+    print(rows, flush=True)
     canvas = torch.randint(5, V, (C,), generator=gen)
     sc = model.denoise(cache, canvas)                             # first step: no self-cond
     ms_first = timeit(lambda: model.denoise(cache, canvas), reps)
