@@ -35,6 +35,9 @@ class DiffcliCLI(click.Group):
         except KeyboardInterrupt:
             click.echo("diffcli: interrupted", err=True)
             ctx.exit(130)
+        except click.UsageError as exc:   # bad flag or value: one line, exit 2
+            hint = "; see diffcli --help" if exc.ctx is not None else ""
+            _fail(ctx, " ".join(exc.format_message().split()).rstrip(".") + hint, 2)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except MemoryError:

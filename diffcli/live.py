@@ -1,0 +1,195 @@
+"""The live canvas view (`--diffusion-visual`) and the plain progress line, fed by generation events.
+
+LiveView redraws the canvas of the current step in place with Rich `Live(transient=True,
+auto_refresh=False)`: a region under the cursor, refreshed only when an event arrives, erased at
+the end of the turn; no alternate screen and no full-screen clear, so scrollback survives. Unlike
+llama-diffusion-cli's monochrome view (spec §E) each position is styled by its state:
+
+    settled   argmax unchanged since the previous step and accepted   default style
+    accepted  took its sampled token this step, argmax changed        green
+    renoised  replaced by noise for the next step                     yellow -> red as its entropy
+                                                                       rises (dim when very uncertain)
+    thinking  inside a `<|channel>...<channel|>` thought channel      dim italic
+
+A status line shows canvas b/B, step k/S, ms/step, emitted tokens/s and how many positions were
+accepted. Text of committed canvases is printed above the region in normal flow (whole lines
+only; the unfinished last line stays in the region). The view switches itself off when its
+console is not a terminal.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from .chat import CHANNEL_CLOSE, CHANNEL_OPEN
+
+STYLE_SETTLED = ""
+STYLE_ACCEPTED = "green"
+STYLE_THINKING = "dim italic"
+# renoised positions: (entropy upper bound in nats, style)
+RENOISED_SHADES = ((0.5, "yellow"), (2.0, "dark_orange"), (float("inf"), "dim red"))
+
+
+def renoised_style(entropy: float) -> str:
+    for bound, style in RENOISED_SHADES:
+        if entropy < bound:
+            return style
+    return RENOISED_SHADES[-1][1]
+
+
+def progress_bar(done: int, total: int, width: int = 50) -> tuple[str, int]:
+    pct = int(100 * done / total) if total else 100
+    filled = int(width * done / total) if total else width
+    return "=" * filled + " " * (width - filled), pct
+
+
+class ProgressLine:
+    """Without --diffusion-visual: llama.cpp's single self-overwriting line on the log stream,
+    `\\rdiffusion step: k/S [bar] pct%`, shown only when that stream is a terminal."""
+
+    def __init__(self, stream=None, enabled: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self._shown = False
+
+    def step(self, event) -> None:
+        if not self.enabled:
+            return
+        bar, pct = progress_bar(event.step + 1, event.steps)
+        self.stream.write(f"\rdiffusion step: {event.step + 1}/{event.steps} [{bar}] {pct}%")
+        self.stream.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._shown = False
+
+
+class LiveView:
+    """Consumes StepEvent / CanvasEvent / Done (duck-typed) and draws the canvas in place."""
+
+    def __init__(self, console: Console, piece: Callable[[int], str], *, n_canvases: int = 1,
+                 interval: int = 1, progress: bool = False, show_thinking: bool = False,
+                 enabled: bool | None = None):
+        self.console = console
+        self.piece = piece                 # token id -> its visible text (control tokens empty)
+        self.n_canvases = max(1, n_canvases)
+        self.interval = max(1, interval)
+        self.progress = progress
+        self.show_thinking = show_thinking
+        self.enabled = console.is_terminal if enabled is None else enabled
+        self._live: Live | None = None
+        self._prev: list[int] | None = None
+        self._tail = ""                    # committed text after the last printed newline
+        self._in_thought = False           # committed text ended inside a thought channel
+        self._emitted = 0
+        self._step_ms: list[float] = []
+        self._t0 = time.perf_counter()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> "LiveView":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        if self.enabled and self._live is None:
+            self._live = Live(console=self.console, auto_refresh=False, transient=True,
+                              redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # ---- events ------------------------------------------------------------------------------
+    def on_step(self, event: Any) -> None:
+        self._step_ms.append(float(event.elapsed_ms))
+        ids = [int(i) for i in event.argmax.tolist()]
+        if self._live is not None and event.step % self.interval == 0:
+            self._live.update(self.render(event, ids), refresh=True)
+        self._prev = ids
+
+    def on_canvas(self, event: Any, committed_text: str = "", in_thought: bool = False) -> None:
+        """A canvas finished; `committed_text` is what it adds to the printed answer and
+        `in_thought` whether the reply so far ends inside an open thought channel."""
+        self._prev = None
+        self._emitted += len(event.tokens)
+        text = self._tail + committed_text
+        head, nl, tail = text.rpartition("\n")
+        if self._live is not None and nl and not event.ended:
+            self.console.print(Text(head), soft_wrap=True)   # goes above the live region
+            self._tail = tail
+        else:
+            self._tail = text
+        self._in_thought = in_thought
+
+    def pending_text(self) -> str:
+        """Committed text not yet printed above the region (the caller prints it after stop())."""
+        out, self._tail = self._tail, ""
+        return out
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def styled_canvas(self, event: Any, ids: list[int] | None = None) -> Text:
+        ids = [int(i) for i in event.argmax.tolist()] if ids is None else ids
+        accepted = event.accepted.tolist()
+        entropy = event.entropy.tolist()
+        prev = self._prev
+        out = Text(self._tail, style=STYLE_THINKING if self._in_thought else "")
+        thinking = self._in_thought
+        for pos, tok in enumerate(ids):
+            piece = self.piece(tok)
+            if piece == CHANNEL_OPEN:
+                thinking = True
+            stable = prev is not None and prev[pos] == tok
+            if thinking:
+                style = STYLE_THINKING
+            elif not accepted[pos]:
+                style = renoised_style(entropy[pos])
+            elif stable:
+                style = STYLE_SETTLED
+            else:
+                style = STYLE_ACCEPTED
+            out.append(piece, style=style)
+            if piece == CHANNEL_CLOSE:
+                thinking = False
+        return out
+
+    def status(self, event: Any) -> Text:
+        ms = self._step_ms[-1] if self._step_ms else 0.0
+        elapsed = time.perf_counter() - self._t0
+        tps = self._emitted / elapsed if elapsed > 0 else 0.0
+        n_acc = int(sum(event.accepted.tolist()))
+        line = (f"canvas {event.canvas + 1}/{self.n_canvases} · step {event.step + 1}/{event.steps}"
+                f" · {ms:.1f} ms/step · {tps:.1f} tok/s · accepted {n_acc}/{len(event.accepted)}"
+                f" · T={event.temperature:.3f}")
+        return Text(line, style="bold")
+
+    def legend(self) -> Text:
+        t = Text("settled ")
+        t.append("accepted ", style=STYLE_ACCEPTED)
+        t.append("renoised", style=RENOISED_SHADES[0][1])
+        t.append("→", style=RENOISED_SHADES[1][1])
+        t.append("uncertain ", style=RENOISED_SHADES[2][1])
+        t.append("thinking", style=STYLE_THINKING)
+        return t
+
+    def render(self, event: Any, ids: list[int] | None = None) -> Group:
+        parts = []
+        if self.progress:
+            bar, pct = progress_bar(event.step + 1, event.steps)
+            parts.append(Text(f"diffusion canvas {event.canvas + 1}, step {event.step + 1}/"
+                              f"{event.steps} [{bar}] {pct}%"))
+        parts += [self.styled_canvas(event, ids), Text(""), self.status(event), self.legend()]
+        return Group(*parts)
