@@ -25,8 +25,8 @@ BLOCK = {
 }
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
-# Rows per chunk: bounds the temporaries of one tensor to a few hundred MB however large it is.
-_CHUNK_ELEMENTS = 1 << 22
+# Elements per chunk: keeps the temporaries in cache-sized pieces however large the tensor is.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _round_away(v: np.ndarray) -> np.ndarray:
@@ -51,10 +51,12 @@ def _f16_at_least(v: np.ndarray) -> np.ndarray:
 
 def quantize_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bytes: round to nearest even on the upper 16 bits; NaNs stay (quiet) NaNs."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    quiet = ((u & 0xFFFF0000) >> 16) | 0x40
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    # uint32 can only wrap here for NaN inputs, which take the other branch
+    with np.errstate(over="ignore"):
+        rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet = (u >> np.uint32(16)) | np.uint32(0x40)
     out = np.where(nan, quiet, rounded).astype("<u2")
     return out.view(np.uint8).reshape(*x.shape[:-1], x.shape[-1] * 2)
 

@@ -316,3 +316,18 @@ def test_random_gguf_has_the_converted_layout(tiny, tmp_path):
     for key in expected_keys():
         assert got[key] == want[key], key
     assert got["tokenizer.ggml.tokens"] == want["tokenizer.ggml.tokens"]
+
+
+def test_toy_tokenizer_layout_and_round_trip():
+    from diffcli.testing import GEMMA4_SPECIALS
+    tok = toy_tokenizer(V)
+    assert [tok.id_to_token(i) for i in range(5)] == ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    assert [tok.id_to_token(5 + i) for i in range(12)] == GEMMA4_SPECIALS
+    assert tok.id_to_token(17) == "<0x00>" and tok.id_to_token(17 + 255) == "<0xFF>"
+    text = "Why is the sky blue?\n\n  Über 漢字 <|turn>user\n"
+    enc = tok.encode(text)
+    assert enc.ids[0] == 2 and enc.ids.count(2) == 1
+    assert tok.token_to_id("<|turn>") in enc.ids and tok.token_to_id("\n\n") in enc.ids
+    assert "<0xC3>" in enc.tokens                        # byte fallback for a character not in vocab
+    assert tok.decode(enc.ids, skip_special_tokens=False) == "<bos>" + text
+    assert tok.encode(" the sky").tokens == ["<bos>", "\u2581the", "\u2581sky"]   # learned merges apply

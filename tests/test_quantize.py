@@ -157,3 +157,16 @@ def test_tiny_q4_k_m_file_uses_k_quants(tmp_path):
     got = gguf.quants.dequantize(np.asarray(next(t.data for t in reader.tensors
                                                  if t.name == "token_embd.weight")), T.Q6_K)
     assert np.all(np.abs(got - emb) <= _k_bound(emb, "Q6_K"))
+
+
+def test_real_model_shapes_total_and_size_label():
+    from diffcli.convert import size_label
+    hp = HParams.from_hf(REAL)
+    shapes = hf_shapes(hp)
+    dims = [(g, (256,) if h is None else shapes[h]) for g, h in tensor_plan(hp)]
+    total = sum(int(np.prod(s)) for _, s in dims)
+    assert total == 25_250_987_068                       # DUMPQ8 element count, spec §1
+    experts = sum(int(np.prod(s)) for g, s in dims if g.endswith("_exps.weight"))
+    assert size_label(128, total, experts) == "128x2.6B"  # general.size_label of the real files
+    assert shapes["model.decoder.layers.5.self_attn.q_proj.weight"] == (8192, 2816)
+    assert "model.decoder.layers.5.self_attn.v_proj.weight" not in shapes
