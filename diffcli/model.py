@@ -195,10 +195,12 @@ class DiffusionGemma:
         return self.config.rms_eps
 
     def _ids(self, ids: torch.Tensor) -> torch.Tensor:
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).to(self.device)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        # checked only where it costs no device sync (ids arrive from the CPU-side sampler/tokenizer)
+        if ids.device.type == "cpu" and ids.numel() and (
+                int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        return ids
+        return ids.to(self.device)
 
     def _dense_embedding(self) -> torch.Tensor:
         """E [V, H] in the activation dtype, for the SC soft embedding (probs @ E) and the head.
