@@ -26,5 +26,6 @@ def convert_cmd(hf_dir: Path, out: Path | None, outtype: str, force: bool, verbo
         out = hf_dir / f"{hf_dir.resolve().name}-{outtype}.gguf"
     start = time.perf_counter()
     path = convert(hf_dir, out, outtype, overwrite=force)
-    size = path.stat().st_size / 2**30
-    click.echo(f"wrote {path} ({size:.2f} GiB, {outtype}) in {time.perf_counter() - start:.1f} s", err=True)
+    size = path.stat().st_size
+    shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+    click.echo(f"wrote {path} ({shown}, {outtype}) in {time.perf_counter() - start:.1f} s", err=True)

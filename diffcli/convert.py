@@ -273,6 +273,8 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise InputError(f"unknown output type {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
+    if out_path.is_dir():
+        raise InputError("output path is a directory", path=out_path, fix="pass a file name ending in .gguf")
     if out_path.exists() and not overwrite:
         raise InputError("output file already exists", path=out_path,
                          fix="pass --force to overwrite it, or choose another -o path")

@@ -228,6 +228,8 @@ def test_refuses_to_overwrite(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:4] == b"GGUF"
     assert sorted(os.listdir(tmp_path)) == ["x.gguf"]   # no temporary file left behind
+    result = CliRunner().invoke(cli, ["convert", str(hf_dir), "-o", str(tmp_path), "--force"])
+    assert result.exit_code == 2 and "directory" in result.output
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "no-config", "bad-json", "no-weights"])
@@ -331,3 +333,14 @@ def test_toy_tokenizer_layout_and_round_trip():
     assert "<0xC3>" in enc.tokens                        # byte fallback for a character not in vocab
     assert tok.decode(enc.ids, skip_special_tokens=False) == "<bos>" + text
     assert tok.encode(" the sky").tokens == ["<bos>", "\u2581the", "\u2581sky"]   # learned merges apply
+
+
+def test_failure_while_writing_leaves_nothing_behind(tmp_path):
+    from diffcli.convert import HParams, write_gguf
+    from diffcli.testing import random_state_dict, tiny_config_dict, toy_gguf_vocab
+    cfg = tiny_config_dict()
+    weights = random_state_dict(cfg)
+    weights["model.decoder.layers.2.mlp.down_proj.weight"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(InputError, match="down_proj"):
+        write_gguf(tmp_path / "o.gguf", HParams.from_hf(cfg), weights.__getitem__, toy_gguf_vocab(V))
+    assert os.listdir(tmp_path) == []
