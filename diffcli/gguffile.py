@@ -12,6 +12,7 @@ tests/test_gguffile.py checks this parser against `GGUFReader` on the real Gemma
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,27 +39,55 @@ class _Truncated(Exception):
     pass
 
 
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
 class _Cursor:
-    """Reads header values from the mapped bytes; every read is bounds-checked."""
+    """Reads header values from the mapped bytes; every read is bounds-checked.
 
-    def __init__(self, buf: np.ndarray):
-        self.buf, self.pos = buf, 0
+    Works on a memoryview with `struct`, not on numpy slices: a 262k-entry string array is one
+    tight loop of `unpack_from` + `str()`, about 20x faster than slicing an array per element."""
 
-    def take(self, n: int) -> np.ndarray:
-        if n < 0 or self.pos + n > len(self.buf):
+    def __init__(self, buf: memoryview):
+        self.buf, self.pos, self.end = buf, 0, len(buf)
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > self.end:
             raise _Truncated
         out = self.buf[self.pos:self.pos + n]
         self.pos += n
         return out
 
     def u32(self) -> int:
-        return int(self.take(4).view("<u4")[0])
+        if self.pos + 4 > self.end:
+            raise _Truncated
+        self.pos += 4
+        return _U32.unpack_from(self.buf, self.pos - 4)[0]
 
     def u64(self) -> int:
-        return int(self.take(8).view("<u8")[0])
+        if self.pos + 8 > self.end:
+            raise _Truncated
+        self.pos += 8
+        return _U64.unpack_from(self.buf, self.pos - 8)[0]
 
     def string(self) -> str:
-        return self.take(self.u64()).tobytes().decode("utf-8", errors="replace")
+        return str(self.take(self.u64()), "utf-8", "replace")
+
+    def strings(self, count: int) -> list[str]:
+        buf, pos, end, unpack = self.buf, self.pos, self.end, _U64.unpack_from
+        out = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                raise _Truncated
+            n = unpack(buf, pos)[0]
+            pos += 8
+            if pos + n > end:
+                raise _Truncated
+            append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
 
     def value(self, vtype: int) -> Any:
         vtype = GGUFValueType(vtype)
@@ -67,14 +96,14 @@ class _Cursor:
         if vtype == GGUFValueType.ARRAY:
             itype, count = GGUFValueType(self.u32()), self.u64()
             if itype == GGUFValueType.STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if itype == GGUFValueType.ARRAY:
                 return [self.value(GGUFValueType.ARRAY) for _ in range(count)]
             dt = np.dtype(_SCALAR[itype])
-            arr = self.take(count * dt.itemsize).view(dt)
+            arr = np.frombuffer(self.take(count * dt.itemsize), dtype=dt)
             return [bool(x) for x in arr] if itype == GGUFValueType.BOOL else arr.tolist()
         dt = np.dtype(_SCALAR[vtype])
-        x = self.take(dt.itemsize).view(dt)[0]
+        x = np.frombuffer(self.take(dt.itemsize), dtype=dt)[0]
         return bool(x) if vtype == GGUFValueType.BOOL else x.item()
 
 
@@ -124,7 +153,7 @@ class GGUFFile:
                              fix="the file is damaged; download it again") from None
 
     def _parse(self, size: int) -> None:
-        cur = _Cursor(self._map)
+        cur = _Cursor(memoryview(self._map))
         cur.take(4)
         self.version = cur.u32()
         if self.version not in (2, 3):

