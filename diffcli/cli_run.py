@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -272,8 +273,12 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     if visual:
         from rich.console import Console
         console = Console(file=out, highlight=False)
+        # a real terminal, or one Rich is told is compatible (TTY_COMPATIBLE=1); FORCE_COLOR alone
+        # (often set in CI) must not draw a live region into a file
+        terminal = _isatty(out) or os.environ.get("TTY_COMPATIBLE") == "1"
         live = LiveView(console, tok.piece, n_canvases=n, interval=opts.diffusion_visual_interval,
-                        progress=opts.diffusion_visual_progress, show_thinking=show_thinking)
+                        progress=opts.diffusion_visual_progress, show_thinking=show_thinking,
+                        enabled=terminal)
         if not live.enabled:
             log("diffcli: --diffusion-visual: stdout is not a terminal; live view off")
             live = None

@@ -42,6 +42,14 @@ def renoised_style(entropy: float) -> str:
     return RENOISED_SHADES[-1][1]
 
 
+# Raw control bytes (byte-fallback tokens can be ESC) must never reach the terminal from the view.
+_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)] if c not in (0x09, 0x0A)}
+
+
+def safe_piece(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 def progress_bar(done: int, total: int, width: int = 50) -> tuple[str, int]:
     pct = int(100 * done / total) if total else 100
     filled = int(width * done / total) if total else width
@@ -79,7 +87,8 @@ class LiveView:
                  interval: int = 1, progress: bool = False, show_thinking: bool = False,
                  enabled: bool | None = None):
         self.console = console
-        self.piece = piece                 # token id -> its visible text (control tokens empty)
+        self._raw_piece = piece            # token id -> its visible text (control tokens empty)
+        self._pieces: dict[int, str] = {}
         self.n_canvases = max(1, n_canvases)
         self.interval = max(1, interval)
         self.progress = progress
@@ -141,12 +150,17 @@ class LiveView:
         return out
 
     # ---- rendering ---------------------------------------------------------------------------
+    def piece(self, tok: int) -> str:
+        if tok not in self._pieces:
+            self._pieces[tok] = safe_piece(self._raw_piece(tok))
+        return self._pieces[tok]
+
     def styled_canvas(self, event: Any, ids: list[int] | None = None) -> Text:
         ids = [int(i) for i in event.argmax.tolist()] if ids is None else ids
         accepted = event.accepted.tolist()
         entropy = event.entropy.tolist()
         prev = self._prev
-        out = Text(self._tail, style=STYLE_THINKING if self._in_thought else "")
+        out = Text(safe_piece(self._tail), style=STYLE_THINKING if self._in_thought else "")
         thinking = self._in_thought
         for pos, tok in enumerate(ids):
             piece = self.piece(tok)
@@ -188,8 +202,9 @@ class LiveView:
     def render(self, event: Any, ids: list[int] | None = None) -> Group:
         parts = []
         if self.progress:
-            bar, pct = progress_bar(event.step + 1, event.steps)
-            parts.append(Text(f"diffusion canvas {event.canvas + 1}, step {event.step + 1}/"
-                              f"{event.steps} [{bar}] {pct}%"))
+            head = f"diffusion canvas {event.canvas + 1}, step {event.step + 1}/{event.steps} "
+            width = max(10, min(50, self.console.width - len(head) - 8))
+            bar, pct = progress_bar(event.step + 1, event.steps, width)
+            parts.append(Text(f"{head}[{bar}] {pct}%"))
         parts += [self.styled_canvas(event, ids), Text(""), self.status(event), self.legend()]
         return Group(*parts)

@@ -261,3 +261,77 @@ def test_visual_turns_itself_off_when_piped(model_path):
     ref = run(["-m", model_path, "-p", "x", *FAST, "-s", "3"])
     assert res.exit_code == 0 and res.stdout == ref.stdout and "\x1b" not in res.stdout
     assert "live view off" in res.stderr
+
+
+# ---- chat mode (-cnv) --------------------------------------------------------------------------
+
+def _count_encoder_tokens(monkeypatch) -> list[int]:
+    """Wrap the model's commit (the encoder pass; encode() goes through it too) to count tokens."""
+    from diffcli.model import DiffusionGemma
+    counts: list[int] = []
+    original = DiffusionGemma.commit
+
+    def counting(self, cache, block_ids):
+        counts.append(int(len(block_ids)))
+        return original(self, cache, block_ids)
+    monkeypatch.setattr(DiffusionGemma, "commit", counting)
+    return counts
+
+
+def test_chat_multi_turn_reuses_the_prompt_cache(model_path, tok, tmp_path, monkeypatch):
+    counts = _count_encoder_tokens(monkeypatch)
+    trace = tmp_path / "chat.jsonl"
+    res = run(["-m", model_path, "-cnv", *FAST, "-n", "16", "-sys", "Be brief.", "--json",
+               "--trace", trace], input="Why is the sky blue?\n\nAnd sunsets?\n")
+    assert res.exit_code == 0, res.stderr
+    replies = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(replies) == 2                                   # empty line ignored
+    assert not any(ln.startswith("> ") for ln in res.stderr.splitlines())  # stdin is no terminal
+    prompts = [r["ids"] for r in trace_records(trace) if r["event"] == "prompt"]
+    # turn 2's prompt is the template over the whole history, the first reply included
+    conv = Conversation(ChatTemplate(tok.chat_template), tok, system="Be brief.")
+    conv.add_user("Why is the sky blue?")
+    assert prompts[0] == conv.prompt_ids()
+    conv.add_reply(replies[0]["text"].strip())
+    conv.add_user("And sunsets?")
+    assert prompts[1] == conv.prompt_ids()
+    # one canvas per reply, never committed: the encoder saw turn 1's prompt once, then only the
+    # tail of turn 2 from the last <|turn> of turn 1 (the generation prompt) on
+    turn = tok.token_to_id("<|turn>")
+    checkpoint = len(prompts[0]) - 1 - prompts[0][::-1].index(turn)
+    assert sum(counts) == len(prompts[0]) + len(prompts[1]) - checkpoint
+    # and the reply equals a fresh one-shot generation on the same prompt ids
+    ref = generate(diffcli.load(model_path), prompts[1], max_new_tokens=16, seed=0xFFFFFFFF,
+                   eog_ids=tok.eog_ids, sampler=diffcli.SamplerConfig(max_steps=2))
+    assert replies[1]["tokens"] == ref.tokens
+
+
+def test_chat_commands_and_eof(model_path, tok, tmp_path):
+    trace = tmp_path / "chat.jsonl"
+    script = "first\n/help\n/clear\nsecond\n/exit\nnever sent\n"
+    res = run(["-m", model_path, "-cnv", *FAST, "-sys", "SYS", "--trace", trace, "-p", "zeroth"],
+              input=script)
+    assert res.exit_code == 0, res.stderr
+    prompts = [tok.decode(r["ids"], special=True) for r in trace_records(trace) if r["event"] == "prompt"]
+    assert len(prompts) == 3                      # -p turn, "first", "second"; /exit stops
+    assert "zeroth" in prompts[0] and "first" in prompts[1] and "zeroth" in prompts[1]
+    assert "second" in prompts[2] and "first" not in prompts[2] and "SYS" in prompts[2]  # /clear
+    assert "/clear" in res.stderr and "/help" not in res.stdout
+    assert len(res.stdout.splitlines()) >= 3 and "never sent" not in "".join(prompts)
+    eof = run(["-m", model_path, "-cnv", *FAST], input="only line\n")   # EOF ends the session
+    assert eof.exit_code == 0 and eof.stdout.endswith("\n")
+
+
+def test_chat_ctrl_c_stops_the_reply_and_continues(model_path, tok, monkeypatch):
+    real = diffcli.stream
+    calls = []
+
+    def sometimes_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield from real(*a, **k)
+    monkeypatch.setattr(diffcli, "stream", sometimes_interrupted)
+    res = run(["-m", model_path, "-cnv", *FAST, "--json"], input="one\ntwo\n")
+    assert res.exit_code == 0 and "reply stopped" in res.stderr
+    assert len([ln for ln in res.stdout.splitlines() if ln.startswith("{")]) == 1
