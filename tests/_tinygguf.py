@@ -1,7 +1,8 @@
-"""A small diffusion-gemma GGUF written with gguf-py's GGUFWriter: every spec §A.2 key, a few
-real-named tensors (tied embedding, rope_freqs, one layer's attention and experts)."""
+"""A small diffusion-gemma GGUF written with gguf-py's GGUFWriter (every spec §A.2 key, a few
+real-named tensors: tied embedding, rope_freqs, attention, experts), and broken variants of it."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,59 @@ def write(path: Path, *, arch: str = ARCH, eb: dict | None = None, drop: tuple[s
                  raw_dtype=GGMLQuantizationType.Q8_0)
     w.add_tensor("blk.1.attn_q.weight", _q8((DIMS["n_head"] * DIMS["head_dim_swa"], H), rng),
                  raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _patch(path, at: int, data: bytes):
+    b = bytearray(path.read_bytes())
+    b[at:at + len(data)] = data
+    path.write_bytes(bytes(b))
+
+
+def _type_field(path, name: str) -> int:
+    """Byte offset of the ggml type id in `name`'s tensor info (after its name, n_dims, dims)."""
+    b = path.read_bytes()
+    at = b.index(struct.pack("<Q", len(name)) + name.encode()) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", b, at)[0]
+    return at + 4 + 8 * n_dims
+
+
+def broken_files(tmp_path):
+    """(kind, path, words the message must contain) for every kind of damage open_gguf reports."""
+    good = write(tmp_path / "good.gguf").read_bytes()
+    out = []
+
+    def case(kind, data, *words):
+        p = tmp_path / f"{kind}.gguf"
+        p.write_bytes(data)
+        out.append((kind, p, words))
+        return p
+
+    case("text", b"this is a README, not a model\n" * 4, "not a GGUF file")
+    case("tiny", b"GGUF\x03\x00", "too small")
+    case("header_cut", good[:300], "truncated")
+    case("data_cut", good[:-200], "past the end of the file")
+    p = case("version", good, "unsupported GGUF version 7")
+    _patch(p, 4, struct.pack("<I", 7))
+    p = case("type_id", good, "unknown ggml type id 99", "output_norm.weight")
+    _patch(p, _type_field(p, "output_norm.weight"), struct.pack("<I", 99))
+    # the first key's value type (after magic, version, counts and the key string)
+    key_len = struct.unpack_from("<Q", good, 24)[0]
+    p = case("value_type", good, "corrupt GGUF header")
+    _patch(p, 32 + key_len, struct.pack("<I", 77))
+    return out
+
+
+def write_unsupported(path):
+    """A file with one IQ2_XXS tensor: gguf knows the type, diffcli has no dequantiser for it."""
+    w = GGUFWriter(str(path), "diffusion-gemma")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((2, 66), dtype=np.uint8),
+                 raw_dtype=GGMLQuantizationType.IQ2_XXS)
+    w.add_tensor("output_norm.weight", np.ones(8, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
