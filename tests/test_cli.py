@@ -335,3 +335,16 @@ def test_chat_ctrl_c_stops_the_reply_and_continues(model_path, tok, monkeypatch)
     res = run(["-m", model_path, "-cnv", *FAST, "--json"], input="one\ntwo\n")
     assert res.exit_code == 0 and "reply stopped" in res.stderr
     assert len([ln for ln in res.stdout.splitlines() if ln.startswith("{")]) == 1
+
+
+def test_make_tiny_model_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "t.gguf"), "--layers", "2"],
+                         capture_output=True, text=True, check=True)
+    path = out.stdout.strip()
+    assert path == str(tmp_path / "t.gguf")
+    res = run(["-m", path, "-p", "hi", *FAST, "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["stats"]["canvases"] == 1

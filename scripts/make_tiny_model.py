@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Write a tiny DiffusionGemma GGUF with RANDOM weights, to try diffcli without the 16 GB model.
+
+Its replies are gibberish (the weights are random), but every code path runs: the toy Gemma-4-style
+vocabulary and chat template, canvases, the sampler, chat mode and the live view. Needs only
+diffcli's runtime dependencies (no transformers).
+
+    python scripts/make_tiny_model.py                 # -> ./tiny-diffusion-gemma.gguf
+    diffcli -m tiny-diffusion-gemma.gguf -p "Hello" --diffusion-visual
+
+Prints the path of the file it wrote.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from diffcli.testing import make_random_gguf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", nargs="?", default="tiny-diffusion-gemma.gguf", type=Path,
+                    help="output file (default: %(default)s)")
+    ap.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0", "q4_k_m"],
+                    help="tensor type (q4_k_m needs --hidden 256 to use real K-quant rows)")
+    ap.add_argument("--hidden", type=int, default=64, choices=[64, 96, 256],
+                    help="hidden size of the tiny model (default: %(default)s)")
+    ap.add_argument("--canvas", type=int, default=16, help="canvas length (default: %(default)s)")
+    ap.add_argument("--layers", type=int, default=4, help="layers (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    args = ap.parse_args()
+    overrides = {"canvas_length": args.canvas, "num_hidden_layers": args.layers}
+    path = make_random_gguf(args.out, overrides, args.outtype, seed=args.seed,
+                            variant=f"h{args.hidden}")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
