@@ -130,7 +130,8 @@ def open_session(opts: RunOptions) -> Session:
                                 enable_thinking=opts.thinking_enabled(),
                                 template_kwargs=opts.template_kwargs(),
                                 use_template=not opts.no_chat_template)
-    device = resolve_device(opts.device)
+    # llama.cpp's -ngl 0 keeps everything on the CPU
+    device = resolve_device("cpu" if opts.n_gpu_layers == 0 and opts.device == "auto" else opts.device)
     for note in opts.ignored_notes():
         log(note)
     model = load_model(opts, device)

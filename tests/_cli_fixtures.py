@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from diffcli.cli import cli
 
-FAST = ["--diffusion-eb-max-steps", "2", "--no-perf"]
+FAST = ["--diffusion-eb-max-steps", "2", "--no-perf", "--device", "cpu"]   # cpu: same as diffcli.load()
 
 
 def make_model(path: Path, **overrides) -> Path:

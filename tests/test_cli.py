@@ -348,3 +348,20 @@ def test_make_tiny_model_script(tmp_path):
     assert path == str(tmp_path / "t.gguf")
     res = run(["-m", path, "-p", "hi", *FAST, "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["stats"]["canvases"] == 1
+
+
+@pytest.mark.gpu
+def test_cli_on_cuda_matches_library(model_path, tok):
+    args = ["-m", model_path, "-p", "Why?", "-n", "32", "-s", "5", "--diffusion-eb-max-steps", "3",
+            "--no-perf", "--json"]
+    res = run(args + ["--device", "cuda"])
+    assert res.exit_code == 0, res.stderr
+    assert " on cuda" in res.stderr and "gpu_sampling=on" in res.stderr
+    ref = generate(diffcli.load(model_path, device="cuda"), _prompt_ids(tok, "Why?"),
+                   max_new_tokens=32, seed=5, eog_ids=tok.eog_ids,
+                   sampler=diffcli.SamplerConfig(max_steps=3))
+    assert json.loads(res.stdout)["tokens"] == ref.tokens
+    auto = run(args)                                     # auto picks the GPU
+    assert " on cuda" in auto.stderr
+    cpu = run(args + ["-ngl", "0"])                      # llama.cpp: -ngl 0 = CPU only
+    assert " on cpu" in cpu.stderr
