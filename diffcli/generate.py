@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+import types
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -226,6 +228,7 @@ def _denoise_canvas(denoise, sampler: SamplerConfig, C: int, V: int, gen: torch.
     for k, remaining in enumerate(range(S, 0, -1)):
         t0 = time.perf_counter()
         raw = denoise(canvas, sc_logits)                                   # [C, V] fp32
+        sc_logits = None        # consumed: free it before this step's [C, V] temporaries
         temperature = temperature_at(remaining, S, sampler.t_min, sampler.t_max)
         logits = raw.float() / temperature                                 # [C, V] tempered
         del raw
@@ -288,3 +291,15 @@ def _sync(device: torch.device) -> None:
 
 def _ms(t0: float) -> float:
     return 1000.0 * (time.perf_counter() - t0)
+
+
+class _CallableModule(types.ModuleType):
+    """`diffcli.generate` names both this module and the function: importing the module (e.g.
+    `from diffcli.generate import StepEvent`) rebinds the package attribute to the module, so
+    the module answers calls as the function does."""
+
+    def __call__(self, model, prompt_ids, **kwargs) -> Done:
+        return generate(model, prompt_ids, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -309,3 +309,9 @@ def test_sampler_defaults_from_model_config():
     model = MockModel()              # sampler_defaults max_steps=5 stands in for a GGUF key
     done = generate(model, [1], max_new_tokens=4, seed=0, eog_ids=())
     assert done.stats.steps_per_canvas == [5]
+
+
+def test_public_generate_callable_after_module_import():
+    # this module imported diffcli.generate (the module) above; the public name must still work
+    done = diffcli.generate(MockModel(), [1], max_new_tokens=4, seed=0, eog_ids=())
+    assert isinstance(done, Done) and len(done.tokens) == 4
