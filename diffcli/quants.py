@@ -178,9 +178,9 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     # | hmask[32] | qs[64] | scales[12] | f16 d |
     #   value v = 32b + l (b < 8, l < 32): low 2 bits at qs[32(b//4) + l] >> 2(b%4),
     #   third bit = hmask[l] >> b; a CLEAR hmask bit subtracts 4       q = low - 4 * !bit
-    #   16 six-bit scales (offset 32), one per 16 values:
-    #     bytes 0..7:  low nibble -> scales 0..7 bits 0-3, high nibble -> scales 8..15 bits 0-3
-    #     bytes 8..11: 2-bit fields p -> scale 4p + byte bits 4-5
+    #   16 six-bit scales (offset 32), one per 16 values; scale i has
+    #     bits 0-3: scales[i % 8] >> 4(i // 8)      (bytes 0..7, low nibbles first)
+    #     bits 4-5: scales[8 + i % 4] >> 2(i // 4)  (bytes 8..11, 2-bit fields)
     #                                                          value = (d * (scale - 32)) * q
     B = blocks.shape[0]
     d = _f16(blocks, 108)

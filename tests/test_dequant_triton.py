@@ -4,16 +4,21 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors: TRITON_INT
 before any kernel is defined (import time), so it is set at the top of this module. With CUDA the
 same checks run on the device.
 
-fp32 output must be bit-exact. fp16 output must equal the reference rounded to fp16. bf16 output
-is within one bf16 ulp: the GPU rounds to nearest even, the interpreter may truncate.
+fp32 output must be bit-exact. fp16 output must equal the reference rounded to fp16, and so must
+bf16 on the GPU; Triton 3.9's interpreter truncates to bf16 instead of rounding, so there bf16 is
+allowed one ulp.
 """
+import importlib
 import os
+import sys
 
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
+if DEVICE == "cpu":   # before any Triton kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "diffcli.kernels.dequant" in sys.modules:   # defined earlier, maybe without the interpreter
+        importlib.reload(sys.modules["diffcli.kernels.dequant"])
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -64,7 +69,7 @@ def test_half_outputs_round_the_reference(qtype):
     assert torch.equal(f16, ref.half())
     bf16 = dequantize_triton(dev, qtype, numel, torch.bfloat16).cpu()
     ulps = (bf16.view(torch.int16).int() - ref.bfloat16().view(torch.int16).int()).abs()
-    assert ulps.max() <= 1
+    assert ulps.max() <= (0 if DEVICE == "cuda" else 1)
 
 
 def test_2d_input_and_float_types():

@@ -1,13 +1,17 @@
 """Every tensor of the real Gemma 3 270M Q4_K_M GGUF (F32, Q5_0, Q4_K, Q8_0, Q6_K) dequantised
 by diffcli equals `gguf.quants.dequantize` bit for bit: the torch path on all of them, the Triton
 kernels (interpreter on CPU, the device with CUDA) on sampled rows of every tensor type."""
+import importlib
 import os
+import sys
 
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":   # before any Triton kernel is defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "diffcli.kernels.dequant" in sys.modules:   # defined earlier, maybe without the interpreter
+        importlib.reload(sys.modules["diffcli.kernels.dequant"])
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
