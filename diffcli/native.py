@@ -180,8 +180,10 @@ def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
     return out.to(x.dtype)
 
 
-def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False) -> Path:
-    """Configure and build the library with cmake; returns the library's path."""
+def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False,
+          arch: str | None = None) -> Path:
+    """Configure and build the library with cmake; returns the library's path.
+    arch: value of -march= (default "native"; "" for the compiler's portable default)."""
     src = source_dir()
     if src is None:
         raise RuntimeError("no CMakeLists.txt next to diffcli (not a source checkout); "
@@ -191,8 +193,10 @@ def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False) ->
         raise RuntimeError("cmake not found; install cmake and a C++17 compiler")
     out = Path(build_dir) if build_dir is not None else default_build_dir()
     pipe = subprocess.DEVNULL if quiet else None
-    subprocess.run([cmake, "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"],
-                   check=True, stdout=pipe)
+    configure = [cmake, "-S", str(src), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release"]
+    if arch is not None:
+        configure.append(f"-DDIFFCLI_NATIVE_ARCH={arch}")
+    subprocess.run(configure, check=True, stdout=pipe)
     subprocess.run([cmake, "--build", str(out), "--config", "Release", "-j", str(os.cpu_count() or 2)],
                    check=True, stdout=pipe)
     lib = find_library(out)

@@ -24,9 +24,17 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32,
     if backend == "triton" and qt.qtype in quants.TRITON_TYPES:
         from .kernels.dequant import dequantize_triton
         out = dequantize_triton(raw, qt.qtype, qt.numel, dtype)
+    elif backend == "native" and device.type == "cpu" and _native_supports(qt.qtype):
+        from . import native
+        out = native.dequantize(QTensor(raw, qt.qtype, qt.shape, qt.name)).to(dtype)
     else:
         out = quants.dequantize_torch(raw, qt.qtype).to(dtype)
     return out.view(qt.shape)
+
+
+def _native_supports(qtype: str) -> bool:
+    from . import native
+    return native.supports(qtype)
 
 
 def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:

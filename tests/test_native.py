@@ -6,8 +6,11 @@
   and K spanning several 256-wide slices or ending in a partial one;
 - moe: against ops.moe_torch on gguf-py-dequantized float64 weights, with idle experts.
 
-The library is built once per session into a temporary folder (cmake + a C++17 compiler).
+The library is built once per module into a temporary folder (cmake + a C++17 compiler), for
+this CPU (-march=native) and, on x86, also as the portable build (scalar fallback) and the AVX2
+build, so every SIMD path that can run here is checked.
 """
+import platform
 import shutil
 
 import numpy as np
@@ -26,12 +29,27 @@ QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
 FLOAT_TYPES = ["F32", "F16", "BF16"]
 
 
-@pytest.fixture(scope="module")
-def lib(tmp_path_factory):
+def _arches():
+    arches = ["native"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        arches.append("")                                    # x86-64 baseline: scalar kernels
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            flags = ""
+        if " avx512f" in flags and " avx2" in flags:
+            arches.append("haswell")                         # AVX2 kernels on an AVX-512 CPU
+    return arches
+
+
+@pytest.fixture(scope="module", params=_arches(), ids=lambda a: f"march={a or 'default'}")
+def lib(request, tmp_path_factory):
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("cmake or a C++ compiler is missing, so the native library cannot be built")
-    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True)
+    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True, arch=request.param)
     assert native.use_library(path), f"{path} was built but does not load"
+    expected = {"": "scalar", "haswell": "avx2"}.get(request.param)
+    assert expected is None or native.simd() == expected
     yield path
     native.use_library(None)
     set_backend(None)
@@ -163,3 +181,12 @@ def test_bad_calls_raise(lib):
         native.moe(torch.zeros(1, 64), gu, dn, torch.tensor([[2]]), torch.ones(1, 1))
     assert native.supports("Q4_K") and not native.supports("IQ4_XS")
     assert native.main(["frobnicate"]) == 2
+
+
+def test_ops_dequantize_uses_native_bit_exact(native_backend):
+    rng = np.random.default_rng(6)
+    qt, ref = _weights("Q6_K", (8, 512), rng)
+    got = ops.dequantize(qt)
+    assert got.shape == (8, 512) and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), ref.float().view(torch.int32))
+    assert ops.dequantize(qt, torch.bfloat16).dtype == torch.bfloat16

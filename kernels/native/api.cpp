@@ -10,7 +10,9 @@
 DN_API int dn_abi_version(void) { return DN_ABI_VERSION; }
 
 DN_API const char* dn_simd(void) {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
     return "avx2";
 #elif defined(__ARM_NEON)
     return "neon";

@@ -39,7 +39,8 @@ enum dn_error {
 };
 
 DN_API int dn_abi_version(void);
-// SIMD path compiled in: "avx2", "neon" or "scalar".
+// SIMD path of the matmul kernel compiled in: "avx512", "avx2", "neon" (the portable kernel,
+// vectorized by the compiler) or "scalar".
 DN_API const char* dn_simd(void);
 DN_API void dn_set_threads(int n);
 DN_API int dn_get_threads(void);

@@ -1,32 +1,35 @@
 // Quantized matmul y = x @ W^T that never materialises a dequantized W.
 //
 // Legend: T activation rows, K in-features, N weight rows (out-features); NR weight rows per
-// tile, KB values of K per tile, MR activation rows per register block, TB activation rows per
-// pass.
+// tile, KB values of K per slice, MR activation rows per register block (a "panel"), TB
+// activation rows per pass.
 //
-// Work is split over tiles of NR = 16 weight rows (OpenMP, one tile per task). For each tile and
-// each KB-wide slice of K, the weight rows are dequantized once into an L1-sized scratch,
-// transposed to [KB][NR] so the register kernel can load 16 consecutive output columns, and then
-// reused by every activation row of the pass: dequantization is paid once per TB rows instead
-// of once per row. Partial sums stay in a per-thread [TB][NR] buffer until the tile is done.
+// Work is split over tiles of NR weight rows (OpenMP, one tile per task). For each tile and each
+// KB-wide slice of K, the weight rows are dequantized once into an L1/L2-sized scratch,
+// transposed to [KB][NR] so the register kernel loads NR consecutive output columns, and reused
+// by every activation row of the pass: dequantization is paid once per TB rows instead of once
+// per row. The activations are packed once per pass into panels [K][MR] so the kernel's
+// broadcasts read consecutive floats. Partial sums stay in a per-thread [TB][NR] buffer.
 #include "gemm.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "blocks.h"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 namespace dn {
 
-constexpr int NR = 16;
-constexpr int64_t KB = 256;
+#if defined(__AVX512F__)
+constexpr int NR = 32;   // two zmm per row: 24 accumulators + 2 weight vectors of 32 registers
+constexpr int MR = 12;
+#else
+constexpr int NR = 16;   // two ymm per row: 12 accumulators + 2 weight vectors + 1 broadcast
 constexpr int MR = 6;
+#endif
+constexpr int64_t KB = 256;
 constexpr int64_t TB = 512;
 
 int64_t row_bytes(int qtype, int64_t K) {
@@ -50,6 +53,8 @@ struct Scratch {
         acc = wt + NR * KB;
     }
     ~Scratch() { free(base); }
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
 };
 
 // rows [NR][KB] -> wt [kb][NR]
@@ -81,10 +86,28 @@ void transpose_tile(const float* rows, int64_t kb, float* wt) {
         for (int r = 0; r < NR; ++r) wt[k * NR + r] = rows[r * KB + k];
 }
 
-// acc[M][NR] (+)= x[M rows, stride ldx][kb] @ wt[kb][NR]
+// acc[M][NR] (+)= xp[kb][MR] (first M columns) @ wt[kb][NR]
 template <int M>
-void ukernel(int64_t kb, const float* x, int64_t ldx, const float* wt, float* acc, bool add) {
-#if DN_AVX2
+void ukernel(int64_t kb, const float* xp, const float* wt, float* acc, bool add) {
+#if defined(__AVX512F__)
+    __m512 c0[M], c1[M];
+    for (int r = 0; r < M; ++r) {
+        c0[r] = add ? _mm512_load_ps(acc + r * NR) : _mm512_setzero_ps();
+        c1[r] = add ? _mm512_load_ps(acc + r * NR + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kb; ++k) {
+        const __m512 w0 = _mm512_load_ps(wt + k * NR), w1 = _mm512_load_ps(wt + k * NR + 16);
+        for (int r = 0; r < M; ++r) {
+            const __m512 xb = _mm512_set1_ps(xp[k * MR + r]);
+            c0[r] = _mm512_fmadd_ps(xb, w0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(xb, w1, c1[r]);
+        }
+    }
+    for (int r = 0; r < M; ++r) {
+        _mm512_store_ps(acc + r * NR, c0[r]);
+        _mm512_store_ps(acc + r * NR + 16, c1[r]);
+    }
+#elif DN_AVX2
     __m256 c0[M], c1[M];
     for (int r = 0; r < M; ++r) {
         c0[r] = add ? _mm256_load_ps(acc + r * NR) : _mm256_setzero_ps();
@@ -93,7 +116,7 @@ void ukernel(int64_t kb, const float* x, int64_t ldx, const float* wt, float* ac
     for (int64_t k = 0; k < kb; ++k) {
         const __m256 w0 = _mm256_load_ps(wt + k * NR), w1 = _mm256_load_ps(wt + k * NR + 8);
         for (int r = 0; r < M; ++r) {
-            const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);
+            const __m256 xb = _mm256_broadcast_ss(xp + k * MR + r);
             c0[r] = _mm256_fmadd_ps(xb, w0, c0[r]);
             c1[r] = _mm256_fmadd_ps(xb, w1, c1[r]);
         }
@@ -110,7 +133,7 @@ void ukernel(int64_t kb, const float* x, int64_t ldx, const float* wt, float* ac
     for (int64_t k = 0; k < kb; ++k) {
         const float* w = wt + k * NR;
         for (int r = 0; r < M; ++r) {
-            const float xv = x[r * ldx + k];
+            const float xv = xp[k * MR + r];
             for (int j = 0; j < NR; ++j) c[r][j] += xv * w[j];
         }
     }
@@ -119,19 +142,31 @@ void ukernel(int64_t kb, const float* x, int64_t ldx, const float* wt, float* ac
 #endif
 }
 
-void ukernel_rows(int m, int64_t kb, const float* x, int64_t ldx, const float* wt, float* acc, bool add) {
-    switch (m) {
-        case 6: ukernel<6>(kb, x, ldx, wt, acc, add); break;
-        case 5: ukernel<5>(kb, x, ldx, wt, acc, add); break;
-        case 4: ukernel<4>(kb, x, ldx, wt, acc, add); break;
-        case 3: ukernel<3>(kb, x, ldx, wt, acc, add); break;
-        case 2: ukernel<2>(kb, x, ldx, wt, acc, add); break;
-        default: ukernel<1>(kb, x, ldx, wt, acc, add); break;
+template <int M>
+void ukernel_upto(int m, int64_t kb, const float* xp, const float* wt, float* acc, bool add) {
+    if constexpr (M > 1) {
+        if (m < M) return ukernel_upto<M - 1>(m, kb, xp, wt, acc, add);
+    }
+    ukernel<M>(kb, xp, wt, acc, add);
+}
+
+// x rows [t0, t0+tb) -> panels of MR rows, xp[panel][K][MR]; rows past the end are left unset
+// (the kernel for a short panel reads only its first rows).
+void pack_x(const float* x, int64_t K, int64_t t0, int64_t tb, float* xp) {
+    const int64_t panels = (tb + MR - 1) / MR;
+#pragma omp parallel for schedule(static) if (tb * K > 65536)
+    for (int64_t p = 0; p < panels; ++p) {
+        const int m = (int)std::min<int64_t>(MR, tb - p * MR);
+        float* dst = xp + p * K * MR;
+        for (int r = 0; r < m; ++r) {
+            const float* src = x + (t0 + p * MR + r) * K;
+            for (int64_t k = 0; k < K; ++k) dst[k * MR + r] = src[k];
+        }
     }
 }
 
-// One tile of NR weight rows against activation rows [t0, t0+tb).
-void tile(const float* x, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, int64_t rb, int qtype,
+// One tile of NR weight rows against the packed activation rows of this pass.
+void tile(const float* xp, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, int64_t rb, int qtype,
           int64_t n0, int64_t N, float* y, Scratch& s) {
     const int nr = (int)std::min<int64_t>(NR, N - n0);
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
@@ -141,7 +176,7 @@ void tile(const float* x, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, i
         transpose_tile(s.rows, kb, s.wt);
         for (int64_t t = 0; t < tb; t += MR) {
             const int m = (int)std::min<int64_t>(MR, tb - t);
-            ukernel_rows(m, kb, x + (t0 + t) * K + k0, K, s.wt, s.acc + t * NR, k0 > 0);
+            ukernel_upto<MR>(m, kb, xp + t * K + k0 * MR, s.wt, s.acc + t * NR, k0 > 0);
         }
     }
     for (int64_t t = 0; t < tb; ++t)
@@ -155,13 +190,15 @@ int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int6
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
     const int64_t tiles = (N + NR - 1) / NR;
+    std::vector<float> xp((size_t)((std::min(T, TB) + MR - 1) / MR * MR * K));
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
         const int64_t tb = std::min(TB, T - t0);
+        pack_x(x, K, t0, tb, xp.data());
 #pragma omp parallel if (tiles > 1)
         {
             Scratch s(tb);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < tiles; ++i) tile(x, t0, tb, K, w, rb, qtype, i * NR, N, y, s);
+            for (int64_t i = 0; i < tiles; ++i) tile(xp.data(), t0, tb, K, w, rb, qtype, i * NR, N, y, s);
         }
     }
     return DN_OK;
