@@ -20,7 +20,8 @@ from typing import Any
 import click
 
 from .errors import InputError
-from .run_options import DEFAULT_SEED, RunOptions, click_options  # noqa: F401
+from .run_options import RunOptions, click_options
+
 
 def log(msg: str) -> None:
     click.echo(msg, err=True)
@@ -69,9 +70,20 @@ def run_cmd(**kwargs) -> None:
             chat_loop(session)
         else:
             run_single(session)
+    except BrokenPipeError:      # `diffcli ... | head -1`: the reader left; not an error
+        _silence_stdout()
     finally:
         if session.trace is not None:
             session.trace.close()
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout again at exit; point it at /dev/null so that raises nothing.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 # ---- opening ---------------------------------------------------------------------------------
@@ -97,7 +109,6 @@ def read_prompt(opts: RunOptions) -> str | None:
 
 
 def open_session(opts: RunOptions) -> Session:
-    from . import load
     from .chat import ChatTemplate, Conversation, PrefixCachedModel
     from .config import ModelConfig
     from .gguffile import open_gguf

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
 
@@ -113,5 +113,3 @@ def hf_oracle(tokens: list[str], types: list[int], merges: list[str]) -> Tokeniz
                     for t, k in zip(tokens, types) if k in (3, 4)])
     return tok
 
-
-_ = Regex  # re-exported for tests that need a regex pre-tokenizer
