@@ -87,6 +87,7 @@ class DiffusionGemma:
                  dtype: torch.dtype, cache_embedding: bool):
         self.config, self.w, self.device, self.dtype = config, weights, device, dtype
         self.cache_embedding = cache_embedding
+        self.prefill_chunk = 1024
         self._embed_dense: torch.Tensor | None = None
         cfg = config
         # Inverse RoPE frequencies per layer type (pairs (j, j + D/2), rotate-half style).
@@ -116,8 +117,15 @@ class DiffusionGemma:
 
     @torch.inference_mode()
     def commit(self, cache: KVCache, block_ids: torch.Tensor) -> KVCache:
-        """Append tokens (a finished canvas) at positions P..P+T-1 through the encoder, in place."""
-        ids = self._ids(block_ids)
+        """Append tokens (a finished canvas) at positions P..P+T-1 through the encoder, in place.
+
+        Long inputs run in chunks of `prefill_chunk` tokens: the encoder is causal, so this is
+        exact, and it bounds the attention scores and MoE activations of a long prompt."""
+        for chunk in self._ids(block_ids).split(self.prefill_chunk):
+            self._encode_chunk(cache, chunk)
+        return cache
+
+    def _encode_chunk(self, cache: KVCache, ids: torch.Tensor) -> None:
         T, P, W = ids.numel(), cache.length, self.config.sliding_window
         pos = torch.arange(P, P + T, device=self.device)                # [T]
         x = self.embed(ids) * math.sqrt(self.config.n_embd)            # [T, H]
@@ -141,7 +149,6 @@ class DiffusionGemma:
                 break    # only the K/V are needed downstream: skip the last layer's FFN
             x = self._layer(lw, x, q, k_all, v_all, masks[kind], lw.enc_scale)
         cache.length = P + T
-        return cache
 
     @torch.inference_mode()
     def denoise(self, cache: KVCache, canvas_ids: torch.Tensor,

@@ -136,11 +136,18 @@ def test_uncached_matches_cached(tiny):
         want = model.denoise(cache, canvas, s)
         got = model.denoise_uncached(prefix, canvas, s)
         assert (got - want).abs().max() <= 1e-5
-    # one long encode equals prompt + commits (positions and windows carry over)
+    # one long encode equals prompt + commits (positions and windows carry over), and so does
+    # a prefill run in chunks that do not line up with the window or the canvases
     whole = model.encode(prefix)
-    assert whole.length == cache.length
-    for a, b in zip(whole.keys + whole.values, cache.keys + cache.values):
-        assert (a - b).abs().max() <= 1e-5
+    model.prefill_chunk = 5
+    try:
+        chunked = model.encode(prefix)
+    finally:
+        model.prefill_chunk = 1024
+    for c in (whole, chunked):
+        assert c.length == cache.length
+        for a, b in zip(c.keys + c.values, cache.keys + cache.values):
+            assert a.shape == b.shape and (a - b).abs().max() <= 1e-5
 
 
 def test_denoise_reads_cache_only(tiny):
