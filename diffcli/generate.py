@@ -17,6 +17,7 @@ with s yields exactly the draws of `torch.manual_seed(s)`, so mode="hf" reproduc
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import time
@@ -160,6 +161,9 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
     stop_ids = _stop_ids(cfg, mode, eog_ids)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise InputError(f"seed {seed!r} is not a whole number from 0 to 2^64-1",
+                         fix="pass --seed N with N >= 0, or leave it out for a random seed")
     gen = torch.Generator(device=device).manual_seed(int(seed))
     stats = GenerationStats(seed=int(seed), mode=mode, prompt_tokens=int(prompt.numel()))
 

@@ -303,6 +303,9 @@ def test_bad_arguments_raise_input_error():
         generate(model, [1], seed=0, mode="fast")
     with pytest.raises(InputError):
         generate(model, [1], max_new_tokens=0, blocks=0, seed=0)
+    for seed in (-1, 2**64, 1.5):
+        with pytest.raises(InputError, match="seed"):
+            generate(model, [1], seed=seed)
 
 
 def test_sampler_defaults_from_model_config():
