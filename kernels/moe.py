@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .qmatmul import LAYOUT, QTYPE_ID, _dot_acc, check_blocks, decode_tile, dot_f32
+from .qmatmul import HALF, LAYOUT, QTYPE_ID, _dot_acc, check_blocks, decode_tile, dot_f32, x_index
 
 
 @triton.jit
@@ -48,9 +48,9 @@ def _tile_rows(tile_expert, tile_start, seg_start, counts, E, BM: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, order, tile_expert, tile_start, seg_start, counts,
                     E, K, F, A, stride_x, expert_bytes, row_bytes, nblk, n_ktiles,
-                    QT: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                    QT: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    BK: tl.constexpr = NSUB * SUB
+    HB: tl.constexpr = BK // 2
     e, rows, rvalid = _tile_rows(tile_expert, tile_start, seg_start, counts, E, BM)
     tok = tl.load(order + rows, mask=rvalid, other=0) // A                 # [BM]
     cols = tl.program_id(1) * BN + tl.arange(0, BN)                        # [BN] in 0..F-1
@@ -59,16 +59,20 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, order, tile_expert, tile_start, seg_sta
     gate_off = (wbase + cols.to(tl.int64) * row_bytes)[:, None, None]      # rows 0..F-1
     up_off = gate_off + F * row_bytes                                     # rows F..2F-1
     xrow = x_ptr + tok.to(tl.int64)[:, None] * stride_x
-    kk = tl.arange(0, BK)
+    ka = x_index(QT, HB)                                                   # [HB]
     g = tl.zeros((BM, BN), dtype=tl.float32)
     u = tl.zeros((BM, BN), dtype=tl.float32)
     for kt in range(0, n_ktiles):
-        k = kt * BK + kk
-        xt = tl.load(xrow + k[None, :], mask=rvalid[:, None] & (k[None, :] < K), other=0.0)
-        wg = decode_tile(w_ptr, gate_off, kt, nblk, cmask, QT, NSUB, SUB, BN)
-        g = _dot_acc(g, xt, wg, DOT_F32)
-        wu = decode_tile(w_ptr, up_off, kt, nblk, cmask, QT, NSUB, SUB, BN)
-        u = _dot_acc(u, xt, wu, DOT_F32)
+        k = kt * BK + ka
+        xm = rvalid[:, None] & (k[None, :] < K)
+        xa = tl.load(xrow + k[None, :], mask=xm, other=0.0)               # [BM, HB]
+        xb = tl.load(xrow + (k + HALF)[None, :], mask=xm, other=0.0)
+        wa, wb = decode_tile(w_ptr, gate_off, kt, nblk, cmask, QT, BN, HB)
+        g = _dot_acc(g, xa, wa, DOT_F32)
+        g = _dot_acc(g, xb, wb, DOT_F32)
+        wa, wb = decode_tile(w_ptr, up_off, kt, nblk, cmask, QT, BN, HB)
+        u = _dot_acc(u, xa, wa, DOT_F32)
+        u = _dot_acc(u, xb, wb, DOT_F32)
     h = _gelu_tanh(g) * u
     tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + cols[None, :], h.to(h_ptr.dtype.element_ty),
              mask=rvalid[:, None] & (cols[None, :] < F))
@@ -77,22 +81,25 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, order, tile_expert, tile_start, seg_sta
 @triton.jit
 def _down_kernel(h_ptr, w_ptr, y_ptr, order, pair_w, tile_expert, tile_start, seg_start, counts,
                  E, K, F, expert_bytes, row_bytes, nblk, n_ktiles,
-                 QT: tl.constexpr, NSUB: tl.constexpr, SUB: tl.constexpr,
+                 QT: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr):
-    BK: tl.constexpr = NSUB * SUB
+    HB: tl.constexpr = BK // 2
     e, rows, rvalid = _tile_rows(tile_expert, tile_start, seg_start, counts, E, BM)
     pair = tl.load(order + rows, mask=rvalid, other=0)                    # [BM] original pair
     cols = tl.program_id(1) * BN + tl.arange(0, BN)                        # [BN] in 0..K-1
     cmask = (cols < K)[:, None, None]
     row_off = (e.to(tl.int64) * expert_bytes + cols.to(tl.int64) * row_bytes)[:, None, None]
     hrow = h_ptr + rows.to(tl.int64)[:, None] * F
-    kk = tl.arange(0, BK)
+    ka = x_index(QT, HB)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kt in range(0, n_ktiles):
-        k = kt * BK + kk
-        ht = tl.load(hrow + k[None, :], mask=rvalid[:, None] & (k[None, :] < F), other=0.0)
-        w = decode_tile(w_ptr, row_off, kt, nblk, cmask, QT, NSUB, SUB, BN)
-        acc = _dot_acc(acc, ht, w, DOT_F32)
+        k = kt * BK + ka
+        hm = rvalid[:, None] & (k[None, :] < F)
+        ha = tl.load(hrow + k[None, :], mask=hm, other=0.0)               # [BM, HB]
+        hb = tl.load(hrow + (k + HALF)[None, :], mask=hm, other=0.0)
+        wa, wb = decode_tile(w_ptr, row_off, kt, nblk, cmask, QT, BN, HB)
+        acc = _dot_acc(acc, ha, wa, DOT_F32)
+        acc = _dot_acc(acc, hb, wb, DOT_F32)
     wt = tl.load(pair_w + pair, mask=rvalid, other=0.0).to(tl.float32)    # routing weight
     tl.store(y_ptr + pair.to(tl.int64)[:, None] * K + cols[None, :], acc * wt[:, None],
              mask=rvalid[:, None] & (cols[None, :] < K))
@@ -118,7 +125,7 @@ def route(ids: torch.Tensor, E: int, BM: int):
 
 
 def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch.Tensor,
-               block_m: int | None = None, block_n: int = 64, num_warps: int = 4,
+               block_m: int | None = None, block_n: int = 32, num_warps: int = 8,
                num_stages: int = 2) -> torch.Tensor:
     """x [T, K]; gate_up QTensor [E, 2F, K]; down QTensor [E, K, F]; ids, weights [T, A] -> [T, K]."""
     assert x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
@@ -140,25 +147,27 @@ def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch
     gu_row = check_blocks(gate_up.raw, gate_up.qtype, E * F2, K)
     dn_row = check_blocks(down.raw, down.qtype, E * K, F)
     x = x.contiguous()
-    bm = block_m or (16 if P <= 8 * E else 32 if P <= 32 * E else 64)
+    # few pairs per expert (decode-like T): 16-row tiles; otherwise 64 (wgmma-sized, and fewer
+    # registers than 32 on sm_90 with BN=32 and 8 warps)
+    bm = block_m or (16 if P <= 4 * E else 64)
     order, counts, seg_start, tile_start, tile_expert, n_tiles = route(ids, E, bm)
     pair_w = weights.reshape(-1).to(torch.float32).contiguous()
     f32 = dot_f32(x)
 
-    per, _, nsub, sub = LAYOUT[gate_up.qtype]
+    per, _, bk = LAYOUT[gate_up.qtype]
     h = torch.empty((P, F), dtype=x.dtype, device=x.device)                # sorted pair order
     _gate_up_kernel[(n_tiles, triton.cdiv(F, block_n))](
         x, gate_up.raw, h, order, tile_expert, tile_start, seg_start, counts,
-        E, K, F, A, x.stride(0), F2 * gu_row, gu_row, K // per, triton.cdiv(K, nsub * sub),
-        QT=QTYPE_ID[gate_up.qtype], NSUB=nsub, SUB=sub, BM=bm, BN=block_n, DOT_F32=f32,
+        E, K, F, A, x.stride(0), F2 * gu_row, gu_row, K // per, triton.cdiv(K, bk),
+        QT=QTYPE_ID[gate_up.qtype], BK=bk, HALF=HALF[gate_up.qtype], BM=bm, BN=block_n, DOT_F32=f32,
         num_warps=num_warps, num_stages=num_stages)
 
-    per, _, nsub, sub = LAYOUT[down.qtype]
+    per, _, bk = LAYOUT[down.qtype]
     y = torch.empty((P, K), dtype=torch.float32, device=x.device)          # original pair order
     _down_kernel[(n_tiles, triton.cdiv(K, block_n))](
         h, down.raw, y, order, pair_w, tile_expert, tile_start, seg_start, counts,
-        E, K, F, K * dn_row, dn_row, F // per, triton.cdiv(F, nsub * sub),
-        QT=QTYPE_ID[down.qtype], NSUB=nsub, SUB=sub, BM=bm, BN=block_n, DOT_F32=f32,
+        E, K, F, K * dn_row, dn_row, F // per, triton.cdiv(F, bk),
+        QT=QTYPE_ID[down.qtype], BK=bk, HALF=HALF[down.qtype], BM=bm, BN=block_n, DOT_F32=f32,
         num_warps=num_warps, num_stages=num_stages)
     return y.view(T, A, K).sum(dim=1).to(x.dtype)
 

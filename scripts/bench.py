@@ -118,14 +118,41 @@ def bench_qmatmul(shapes, T: int, dtype, device, reps: int, sweep: bool) -> list
                    dense_ms=t_dense, speedup_vs_torch=t_torch / t_fused,
                    fused_GBps=qt.nbytes / t_fused / 1e6)
         if sweep:
-            best = (t_fused, 64, 4, 2)
-            for bn, nw, ns in ((32, 4, 2), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 4, 3)):
-                t = timeit(lambda: qmatmul(x, qt, block_n=bn, num_warps=nw, num_stages=ns), reps)
-                best = min(best, (t, bn, nw, ns))
-            row.update(best_ms=best[0], best_cfg=f"BN={best[1]} warps={best[2]} stages={best[3]}")
+            best = (t_fused, "default")
+            for bm, bn, nw in ((64, 64, 4), (64, 32, 8), (128, 64, 8), (256, 32, 8), (256, 16, 4)):
+                if bm > T:
+                    continue
+                t = timeit(lambda: qmatmul(x, qt, block_m=bm, block_n=bn, num_warps=nw), reps)
+                best = min(best, (t, f"BM={bm} BN={bn} warps={nw}"))
+            row.update(best_ms=best[0], best_cfg=best[1])
         rows.append(row)
         print(row, flush=True)
         del qt, w, wd, ref
+    return rows
+
+
+def check_small_t(device, dtype) -> list[dict]:
+    """Accuracy only, at the odd row counts the other tile configs serve (T = 1, 7, 33, 100)."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    rows = []
+    for qtype, N, K in (("Q4_K", 96, 512), ("Q6_K", 96, 512), ("Q5_0", 96, 352), ("Q8_0", 96, 352)):
+        qt = rand_qtensor(qtype, (N, K), device, gen)
+        w = quants.dequantize_torch(qt.raw, qtype).view(N, K)
+        for T in (1, 7, 33, 100):
+            x = torch.randn(T, K, device=device, generator=gen).to(dtype)
+            amax, rel = errors(qmatmul(x, qt), x.float() @ w.t())
+            rows.append(dict(section="small", name="qmatmul", qtype=qtype, shape=f"{T}x{K}->{N}",
+                             max_abs_err=amax, rel_err=rel))
+    for T in (1, 7):
+        gu = rand_qtensor("Q4_K", (8, 128, 256), device, gen)
+        dn = rand_qtensor("Q5_0", (8, 256, 64), device, gen)
+        x = torch.randn(T, 256, device=device, generator=gen).to(dtype)
+        w, ids = torch.topk(torch.rand(T, 8, device=device, generator=gen), 2, dim=-1)
+        ref = ops.moe_torch(x.float(), quants.dequantize_torch(gu.raw, "Q4_K").view(8, 128, 256),
+                            quants.dequantize_torch(dn.raw, "Q5_0").view(8, 256, 64), ids, w)
+        amax, rel = errors(moe_triton(x, gu, dn, ids, w), ref)
+        rows.append(dict(section="small", name="moe", qtype="Q4_K/Q5_0", shape=f"{T}x256 top2/8",
+                         max_abs_err=amax, rel_err=rel))
     return rows
 
 
@@ -264,6 +291,8 @@ def main(argv=None) -> int:
             rows += bench_qmatmul(TINY_SHAPES, 33, dtype, device, reps, args.sweep)
             rows += bench_moe(33, 2, 8, 256, 96, [("Q4_K", "Q5_0")], dtype, device, reps)
         else:
+            rows += check_small_t(device, dtype)
+            print_table(rows)
             rows += bench_qmatmul(REAL_SHAPES, 256, dtype, device, reps, args.sweep)
             rows += bench_moe(256, 8, 128, 2816, 704, [("Q4_K", "Q5_0"), ("Q4_K", "Q8_0"),
                                                        ("Q8_0", "Q8_0")], dtype, device, reps)
