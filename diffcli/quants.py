@@ -314,6 +314,8 @@ def dequantize_torch(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     assert raw.dtype == torch.uint8, f"raw blocks must be uint8, got {raw.dtype}"
     assert raw.numel() % fmt.type_size == 0, \
         f"{qtype}: {raw.numel()} bytes is not a whole number of {fmt.type_size}-byte blocks"
+    if raw.storage_offset() % 4:   # the float views below need aligned storage
+        raw = raw.clone()
     blocks = raw.reshape(-1, fmt.type_size)                     # [B, type_size]
     if fmt.name in FLOAT_TYPES:
         return fmt.dequant(blocks.reshape(-1)).reshape(-1)

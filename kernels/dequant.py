@@ -277,6 +277,8 @@ def dequantize_triton(raw: torch.Tensor, qtype: str, numel: int,
     assert out_dtype in OUT_DTYPES, f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}"
     raw = raw.reshape(-1)
     if qtype in FLOAT_TYPES:
+        if raw.storage_offset() % 4:   # a dtype view needs aligned storage
+            raw = raw.clone()
         vals = raw.view(FLOAT_TYPES[qtype])
         assert vals.numel() == numel, f"{qtype}: {raw.numel()} bytes for {numel} values"
         return vals.to(out_dtype)

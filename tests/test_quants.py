@@ -64,6 +64,15 @@ def test_nan_and_inf_scales_propagate_like_gguf():
         assert np.array_equal(got, want, equal_nan=True), qtype
 
 
+@pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0", "Q4_K"])
+def test_unaligned_input(qtype):
+    """A view that starts at an odd byte (e.g. a slice of a bigger buffer) decodes the same."""
+    raw = blocks_from_bytes(qtype, 8, np.random.default_rng(4)).reshape(-1)
+    buf = torch.zeros(raw.size + 1, dtype=torch.uint8)
+    buf[1:] = torch.from_numpy(raw)
+    assert_bit_exact(quants.dequantize_torch(buf[1:], qtype), oracle(raw, qtype))
+
+
 def test_unsupported_type_is_a_user_error():
     with pytest.raises(InputError) as err:
         quants.dequantize_torch(torch.zeros(66, dtype=torch.uint8), "IQ2_XXS")
