@@ -181,7 +181,10 @@ class GGUFFile:
             dims = tuple(cur.u64() for _ in range(n_dims))
             type_id, offset = cur.u32(), cur.u64()
             raw_infos.append((name, dims, type_id, offset))
-        align = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise InputError(f"general.alignment is {align!r}, not a power of two", path=self.path,
+                             fix="the file is damaged; convert it again")
         self.data_offset = (cur.pos + align - 1) // align * align
         self._infos: dict[str, TensorInfo] = {}
         for name, dims, type_id, offset in raw_infos:

@@ -60,11 +60,14 @@ def _q8(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
 
 
 def write(path: Path, *, arch: str = ARCH, eb: dict | None = None, drop: tuple[str, ...] = (),
-          canvas: int | None = CANVAS, extra: dict | None = None, seed: int = 0) -> Path:
+          canvas: int | None = CANVAS, extra: dict | None = None, alignment: int | None = None,
+          seed: int = 0) -> Path:
     """Write the file; `drop` removes arch-key suffixes, `eb` adds sampler keys (name -> value,
     written with EB_KEYS' type unless given as (method, value)), `extra` adds metadata."""
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch)
+    if alignment is not None:
+        w.add_custom_alignment(alignment)      # writes general.alignment and pads to it
     for suffix, (method, value) in ARCH_KEYS.items():
         if suffix in drop:
             continue
@@ -138,6 +141,10 @@ def broken_files(tmp_path):
     key_len = struct.unpack_from("<Q", good, 24)[0]
     p = case("value_type", good, "corrupt GGUF header")
     _patch(p, 32 + key_len, struct.pack("<I", 77))
+    aligned = write(tmp_path / "aligned.gguf", alignment=64)
+    p = case("alignment", aligned.read_bytes(), "general.alignment is 48")
+    at = p.read_bytes().index(b"general.alignment") + len("general.alignment") + 4
+    _patch(p, at, struct.pack("<I", 48))
     return out
 
 

@@ -60,6 +60,12 @@ def test_matches_gguf_reader_on_tiny_file(tiny):
     assert f.architecture == "diffusion-gemma" and f.version == 3
 
 
+def test_custom_alignment_matches_gguf_reader(tmp_path):
+    path = _tinygguf.write(tmp_path / "a64.gguf", alignment=64)
+    f = compare_with_reader(path)
+    assert f.data_offset % 64 == 0 and all(f.info(n).offset % 64 == 0 for n in f.tensor_names)
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_matches_gguf_reader_on_real_file(real_gguf):
@@ -129,7 +135,7 @@ def test_config_errors_name_the_file_and_key(tmp_path):
 
 def test_broken_files_raise_one_line_input_errors(tmp_path):
     cases = broken_files(tmp_path)
-    assert len(cases) == 7
+    assert len(cases) == 8
     for kind, path, words in cases:
         with pytest.raises(InputError) as err:
             open_gguf(path)
