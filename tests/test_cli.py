@@ -367,3 +367,12 @@ def test_cli_on_cuda_matches_library(model_path, tok):
     assert " on cuda" in auto.stderr
     cpu = run(args + ["-ngl", "0"])                      # llama.cpp: -ngl 0 = CPU only
     assert " on cpu" in cpu.stderr
+
+
+def test_diffusion_blocks_without_n(model_path):
+    res = run(["-m", model_path, "-p", "x", *FAST, "--json", "--diffusion-blocks", "3",
+               "--diffusion-eb-stability", "0", "--diffusion-eb-confidence", "100"])
+    stats = json.loads(res.stdout)["stats"]
+    assert "diffusion: -n -1 -> 3 blocks" in res.stderr
+    assert stats["steps_per_canvas"] == [1] * stats["canvases"]      # stops after one step
+    assert stats["canvases"] == 3 or stats["stop_reason"] in ("eog", "repetition")

@@ -142,6 +142,10 @@ def test_cli_visual_on_a_terminal(tmp_path, monkeypatch):
     monkeypatch.delenv("TTY_COMPATIBLE")
     ref = json.loads(run(["-m", model, "-p", "x", *FAST, "-s", "3", "--json"]).stdout)
     assert res.stdout.rstrip("\n").endswith(ref["text"].rstrip("\n"))   # then the answer in flow
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    sparse = run(["-m", model, "-p", "x", *FAST, "--diffusion-visual", "--diffusion-visual-interval",
+                  "2", "-s", "3"])
+    assert "step 1/2" in sparse.stdout and "step 2/2" not in sparse.stdout
 
 
 def test_control_bytes_never_reach_the_terminal():
