@@ -42,9 +42,10 @@ def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
         return x @ w.t()
     backend = backend_for(x.device.type)
-    if backend == "triton" and w.qtype in quants.TRITON_TYPES:
-        from .kernels.qmatmul import qmatmul
-        return qmatmul(x, w)
+    if backend == "triton":
+        from .kernels import qmatmul as fused
+        if w.qtype in fused.SUPPORTED:
+            return fused.qmatmul(x, w)
     if backend == "native":
         from . import native
         if native.supports(w.qtype):
@@ -60,10 +61,11 @@ def moe_experts(x: torch.Tensor, gate_up: QTensor | torch.Tensor, down: QTensor 
     ids, weights [T, A] (weights already renormalised and scaled per expert). Returns [T, K].
     """
     backend = backend_for(x.device.type)
-    if backend == "triton" and isinstance(gate_up, QTensor) and isinstance(down, QTensor) \
-            and gate_up.qtype in quants.TRITON_TYPES and down.qtype in quants.TRITON_TYPES:
-        from .kernels.moe import moe_triton
-        return moe_triton(x, gate_up, down, ids, weights)
+    if backend == "triton" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
+        from .kernels import qmatmul as fused
+        if gate_up.qtype in fused.SUPPORTED and down.qtype in fused.SUPPORTED:
+            from .kernels.moe import moe_triton
+            return moe_triton(x, gate_up, down, ids, weights)
     if backend == "native" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
         from . import native
         if native.supports(gate_up.qtype) and native.supports(down.qtype):
