@@ -66,7 +66,7 @@ class CanvasEvent:
     steps: int                  # steps this canvas ran
     ended: bool                 # no canvas follows
     reason: str | None          # why it ended: "eog", "repetition", "eos", "length"; None if not
-    elapsed_ms: float           # wall time of this canvas's steps
+    elapsed_ms: float           # wall time of its steps, consumer time between events included
 
 
 @dataclass
