@@ -105,7 +105,9 @@ def available() -> bool:
 
 
 def supports(qtype: str) -> bool:
-    return available() and qtype in QTYPE_IDS
+    """Whether ops should route `qtype` here. F32 weights are not: the torch path multiplies the
+    zero-copy view with the BLAS, which is faster than our kernel, and there is nothing to decode."""
+    return available() and qtype in QTYPE_IDS and qtype != "F32"
 
 
 def simd() -> str:

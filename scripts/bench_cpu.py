@@ -11,7 +11,10 @@ step after a canvas's first has them) in each contender:
 
 Every contender runs in its own subprocess, so its peak RSS (VmHWM from /proc/self/status, or
 ru_maxrss) is its own. Each also saves its logits so the table can show max |logit difference|
-against transformers (a sanity check: fast and wrong is not fast).
+against transformers and the native path's against the torch path (a sanity check: fast and wrong
+is not fast). Every contender is fed transformers' step-1 logits as its self-conditioning input, so
+the timed steps compute the same thing (with random weights the MoE router is near a tie, and a
+1e-4 change of its input can flip an expert choice and move logits by ~1).
 
     python scripts/bench_cpu.py                  # table
     python scripts/bench_cpu.py --json           # one JSON object
@@ -48,10 +51,13 @@ def peak_rss_mib() -> float:
 
 
 def inputs(prompt_len: int, canvas: int, vocab: int):
+    """BOS + random prompt, random canvas; ids stay clear of the image/boi/eoi ids at the top of
+    the vocabulary, which transformers treats specially."""
     import torch
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.cat([torch.tensor([2]), torch.randint(10, vocab, (prompt_len - 1,), generator=gen)])
-    return prompt, torch.randint(10, vocab, (canvas,), generator=gen)
+    high = vocab - 16
+    prompt = torch.cat([torch.tensor([2]), torch.randint(10, high, (prompt_len - 1,), generator=gen)])
+    return prompt, torch.randint(10, high, (canvas,), generator=gen)
 
 
 def timed(step, n: int) -> list[float]:
@@ -77,12 +83,14 @@ def worker(a) -> dict:
                                                                 dtype=torch.float32).eval()
         with torch.inference_mode():
             out = model(input_ids=prompt[None], decoder_input_ids=canvas[None])
-        cache, sc = out.past_key_values, out.logits / SC_TEMPERATURE
+        cache, sc = out.past_key_values, out.logits[0] / SC_TEMPERATURE
+        if a.sc:
+            np.save(a.sc, sc.numpy())
 
         def step():
             with torch.inference_mode():
                 return model(past_key_values=cache, decoder_input_ids=canvas[None],
-                             self_conditioning_logits=sc).logits[0]
+                             self_conditioning_logits=sc[None]).logits[0]
         info = {}
     else:
         import diffcli
@@ -95,6 +103,8 @@ def worker(a) -> dict:
         model = diffcli.load(a.model)
         cache = model.encode(prompt)
         sc = model.denoise(cache, canvas) / SC_TEMPERATURE
+        if a.sc and Path(a.sc).is_file():
+            sc = torch.from_numpy(np.load(a.sc))
 
         def step():
             return model.denoise(cache, canvas, sc_logits=sc)
@@ -110,9 +120,9 @@ def worker(a) -> dict:
             **info}
 
 
-def run_contender(a, kind: str, model: Path, logits: Path) -> dict:
+def run_contender(a, kind: str, model: Path, logits: Path, sc: Path) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(model),
-           "--logits", str(logits), "--steps", str(a.steps), "--warmup", str(a.warmup),
+           "--logits", str(logits), "--sc", str(sc), "--steps", str(a.steps), "--warmup", str(a.warmup),
            "--threads", str(a.threads), "--prompt-len", str(a.prompt_len)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     env.pop("DIFFCLI_BACKEND", None)
@@ -157,6 +167,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--logits", help=argparse.SUPPRESS)
+    p.add_argument("--sc", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
         print(json.dumps(worker(a)))
@@ -178,9 +189,11 @@ def main(argv=None) -> int:
         name = "transformers" if kind == "transformers" else f"diffcli {kind}"
         log(f"timing {name} ({wtype}) ...")
         logits = work / f"logits-{kind}-{wtype}.npy"
-        r = run_contender(a, kind, path, logits)
-        r.update(contender=name, weights=wtype, max_abs_dlogit=None if kind == "transformers"
-                 else max_diff(logits, ref))
+        r = run_contender(a, kind, path, logits, work / "sc-logits.npy")
+        torch_logits = work / f"logits-torch-{wtype}.npy"
+        r.update(contender=name, weights=wtype,
+                 dlogit_vs_hf=None if kind == "transformers" else max_diff(logits, ref),
+                 dlogit_vs_torch=max_diff(logits, torch_logits) if kind == "native" else None)
         rows.append(r)
     base = rows[0].get("ms_median")
     for r in rows:
@@ -192,15 +205,17 @@ def main(argv=None) -> int:
     else:
         print(f"one denoising step, canvas {MODEL['canvas_length']}, prompt {a.prompt_len} in cache, "
               f"self-conditioning on; {a.threads} threads; median of {a.steps} steps")
+        print("max|dlogit|: against transformers, and (native rows) against the torch path on the same "
+              "GGUF; all contenders get transformers' step-1 logits as self-conditioning input")
         print(f"{'contender':<20}{'weights':<9}{'ms/step':>10}{'min':>9}{'x HF':>7}"
-              f"{'peak RSS MiB':>14}{'max|dlogit|':>13}")
+              f"{'peak RSS MiB':>14}{'vs HF':>10}{'vs torch':>10}")
         for r in rows:
             if "error" in r:
                 print(f"{r['contender']:<20}{r['weights']:<9}  {r['error']}")
                 continue
-            d = "" if r["max_abs_dlogit"] is None else f"{r['max_abs_dlogit']:.2e}"
+            d1, d2 = ("" if r[k] is None else f"{r[k]:.1e}" for k in ("dlogit_vs_hf", "dlogit_vs_torch"))
             print(f"{r['contender']:<20}{r['weights']:<9}{r['ms_median']:>10.1f}{r['ms_min']:>9.1f}"
-                  f"{r['speedup_vs_transformers']:>7.2f}{r['peak_rss_mib']:>14.0f}{d:>13}")
+                  f"{r['speedup_vs_transformers']:>7.2f}{r['peak_rss_mib']:>14.0f}{d1:>10}{d2:>10}")
     if tmp is not None:
         tmp.cleanup()
     return 0

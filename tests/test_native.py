@@ -180,6 +180,7 @@ def test_bad_calls_raise(lib):
     with pytest.raises(ValueError, match="expert id out of range"):
         native.moe(torch.zeros(1, 64), gu, dn, torch.tensor([[2]]), torch.ones(1, 1))
     assert native.supports("Q4_K") and not native.supports("IQ4_XS")
+    assert not native.supports("F32")          # the BLAS on the zero-copy view is faster
     assert native.main(["frobnicate"]) == 2
 
 
