@@ -124,10 +124,26 @@ def route(ids: torch.Tensor, E: int, BM: int):
     return order, counts, seg_start, tile_end - tiles, tile_expert, max_tiles
 
 
+def tile_config(P: int, E: int) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(BM, gate/up (BN, warps), down (BN, warps)) for P pairs over E experts.
+
+    H100 step profiles (scripts/bench.py, one canvas, 30 layers; the decoder changed between the
+    two runs): gate/up 20.7 ms with BN=64 vs 27.8 ms with BN=32; down 24.2 ms with BN=32/8 warps
+    vs 28.0 ms with BN=64/4 warps. BM=64 and 8 warps keep sm_90 registers below 180 without
+    spills (ptxas); BM=16 for decode-sized P. Re-tune with `scripts/bench.py --sweep`."""
+    if P <= 4 * E:
+        return 16, (32, 4), (32, 4)
+    if P <= 32 * E:                       # a canvas: 256 x 8 pairs over 128 experts
+        return 64, (64, 8), (32, 8)
+    return 64, (64, 4), (64, 4)            # prefill: x tiles are re-read per N-tile, keep BN wide
+
+
 def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch.Tensor,
-               block_m: int | None = None, block_n: int = 32, num_warps: int = 8,
-               num_stages: int = 2) -> torch.Tensor:
-    """x [T, K]; gate_up QTensor [E, 2F, K]; down QTensor [E, K, F]; ids, weights [T, A] -> [T, K]."""
+               block_m: int | None = None, gate_up_cfg: tuple[int, int] | None = None,
+               down_cfg: tuple[int, int] | None = None, num_stages: int = 2) -> torch.Tensor:
+    """x [T, K]; gate_up QTensor [E, 2F, K]; down QTensor [E, K, F]; ids, weights [T, A] -> [T, K].
+
+    block_m and the (BN, num_warps) pairs override `tile_config` (for benchmarks)."""
     assert x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     T, K = x.shape
     E, F2, Kg = gate_up.shape
@@ -149,26 +165,27 @@ def moe_triton(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torch
     x = x.contiguous()
     # few pairs per expert (decode-like T): 16-row tiles; otherwise 64 (wgmma-sized, and fewer
     # registers than 32 on sm_90 with BN=32 and 8 warps)
-    bm = block_m or (16 if P <= 4 * E else 64)
+    bm, gu_cfg, dn_cfg = tile_config(P, E)
+    bm, gu_cfg, dn_cfg = block_m or bm, gate_up_cfg or gu_cfg, down_cfg or dn_cfg
     order, counts, seg_start, tile_start, tile_expert, n_tiles = route(ids, E, bm)
     pair_w = weights.reshape(-1).to(torch.float32).contiguous()
     f32 = dot_f32(x)
 
     per, _, bk = LAYOUT[gate_up.qtype]
     h = torch.empty((P, F), dtype=x.dtype, device=x.device)                # sorted pair order
-    _gate_up_kernel[(n_tiles, triton.cdiv(F, block_n))](
+    _gate_up_kernel[(n_tiles, triton.cdiv(F, gu_cfg[0]))](
         x, gate_up.raw, h, order, tile_expert, tile_start, seg_start, counts,
         E, K, F, A, x.stride(0), F2 * gu_row, gu_row, K // per, triton.cdiv(K, bk),
-        QT=QTYPE_ID[gate_up.qtype], BK=bk, HALF=HALF[gate_up.qtype], BM=bm, BN=block_n, DOT_F32=f32,
-        num_warps=num_warps, num_stages=num_stages)
+        QT=QTYPE_ID[gate_up.qtype], BK=bk, HALF=HALF[gate_up.qtype], BM=bm, BN=gu_cfg[0],
+        DOT_F32=f32, num_warps=gu_cfg[1], num_stages=num_stages)
 
     per, _, bk = LAYOUT[down.qtype]
     y = torch.empty((P, K), dtype=torch.float32, device=x.device)          # original pair order
-    _down_kernel[(n_tiles, triton.cdiv(K, block_n))](
+    _down_kernel[(n_tiles, triton.cdiv(K, dn_cfg[0]))](
         h, down.raw, y, order, pair_w, tile_expert, tile_start, seg_start, counts,
         E, K, F, K * dn_row, dn_row, F // per, triton.cdiv(F, bk),
-        QT=QTYPE_ID[down.qtype], BK=bk, HALF=HALF[down.qtype], BM=bm, BN=block_n, DOT_F32=f32,
-        num_warps=num_warps, num_stages=num_stages)
+        QT=QTYPE_ID[down.qtype], BK=bk, HALF=HALF[down.qtype], BM=bm, BN=dn_cfg[0],
+        DOT_F32=f32, num_warps=dn_cfg[1], num_stages=num_stages)
     return y.view(T, A, K).sum(dim=1).to(x.dtype)
 
 

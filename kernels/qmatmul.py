@@ -211,16 +211,21 @@ def dot_f32(x: torch.Tensor) -> bool:
 
 
 def tile_config(T: int) -> tuple[int, int, int]:
-    """(BM, BN, num_warps) for T rows. Decoding the weight tile costs more than the dot, and every
+    """(BM, BN, num_warps) for T rows. Decoding the weight tile costs more than the dot and every
     M-tile decodes it again, so a canvas (256) gets BM=128 (two decodes per weight); BN=32 with
-    8 warps keeps registers under ~180 per thread on sm_90 (no spills; measured with ptxas)."""
+    8 warps keeps sm_90 registers under ~140 (ptxas, no spills). H100, one canvas step: 12.0 ms
+    of qmatmul with this vs 13.0 ms with (64, 64, 4) and the first decoder. Prefill keeps
+    (64, 64, 4): the whole-model 4096-token prefill ran at 742 tokens/s with it (first decoder)
+    and 494 with the canvas config (current decoder). Re-tune with `scripts/bench.py --sweep`."""
     if T <= 16:
         return 16, 32, 4
     if T <= 32:
         return 32, 32, 4
     if T <= 64:
         return 64, 32, 8
-    return 128, 32, 8
+    if T <= 256:
+        return 128, 32, 8
+    return 64, 64, 4
 
 
 def check_blocks(raw: torch.Tensor, qtype: str, rows: int, K: int) -> int:

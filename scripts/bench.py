@@ -119,10 +119,14 @@ def bench_qmatmul(shapes, T: int, dtype, device, reps: int, sweep: bool) -> list
                    fused_GBps=qt.nbytes / t_fused / 1e6)
         if sweep:
             best = (t_fused, "default")
-            for bm, bn, nw in ((64, 64, 4), (64, 32, 8), (128, 64, 8), (256, 32, 8), (256, 16, 4)):
+            for bm, bn, nw in ((64, 64, 4), (64, 32, 8), (128, 64, 8), (128, 32, 4), (256, 32, 8)):
                 if bm > T:
                     continue
-                t = timeit(lambda: qmatmul(x, qt, block_m=bm, block_n=bn, num_warps=nw), reps)
+                try:
+                    t = timeit(lambda: qmatmul(x, qt, block_m=bm, block_n=bn, num_warps=nw), reps)
+                except Exception as exc:    # e.g. OutOfResources (shared memory) for big tiles
+                    print(f"  skip BM={bm} BN={bn} warps={nw}: {type(exc).__name__}", flush=True)
+                    continue
                 best = min(best, (t, f"BM={bm} BN={bn} warps={nw}"))
             row.update(best_ms=best[0], best_cfg=best[1])
         rows.append(row)
@@ -156,7 +160,25 @@ def check_small_t(device, dtype) -> list[dict]:
     return rows
 
 
-def bench_moe(T, A, E, K, F, types, dtype, device, reps: int) -> list[dict]:
+def sweep_moe(x, gu, dn, ids, w, reps: int) -> dict:
+    """Best (BM, gate/up (BN, warps), down (BN, warps)) by total time, each kernel swept apart."""
+    out = {}
+    for which in ("gate_up", "down"):
+        best = (float("inf"), None)
+        for bm in (16, 32, 64):
+            for cfg in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):
+                kw = {"block_m": bm, f"{which}_cfg": cfg}
+                try:
+                    t = timeit(lambda: moe_triton(x, gu, dn, ids, w, **kw), reps)
+                except Exception as exc:
+                    print(f"  skip {kw}: {type(exc).__name__}", flush=True)
+                    continue
+                best = min(best, (t, f"BM={bm} BN={cfg[0]} warps={cfg[1]}"))
+        out[f"best_{which}_ms"], out[f"best_{which}_cfg"] = best
+    return out
+
+
+def bench_moe(T, A, E, K, F, types, dtype, device, reps: int, sweep: bool = False) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(1)
     rows = []
     for gu_t, dn_t in types:
@@ -179,6 +201,8 @@ def bench_moe(T, A, E, K, F, types, dtype, device, reps: int) -> list[dict]:
                          shape=f"{T}x{K} top{A}/{E} F={F}", max_abs_err=amax, rel_err=rel,
                          fused_ms=t_fused, torch_ms=t_torch, speedup_vs_torch=t_torch / t_fused,
                          fused_GBps=(gu.nbytes + dn.nbytes) / t_fused / 1e6))
+        if sweep:
+            rows[-1].update(sweep_moe(x, gu, dn, ids, w, reps))
         print(rows[-1], flush=True)
         del gu, dn
     return rows
@@ -289,13 +313,15 @@ def main(argv=None) -> int:
     if not args.model_only:
         if tiny:
             rows += bench_qmatmul(TINY_SHAPES, 33, dtype, device, reps, args.sweep)
-            rows += bench_moe(33, 2, 8, 256, 96, [("Q4_K", "Q5_0")], dtype, device, reps)
+            rows += bench_moe(33, 2, 8, 256, 96, [("Q4_K", "Q5_0")], dtype, device, reps,
+                              args.sweep)
         else:
             rows += check_small_t(device, dtype)
             print_table(rows)
             rows += bench_qmatmul(REAL_SHAPES, 256, dtype, device, reps, args.sweep)
             rows += bench_moe(256, 8, 128, 2816, 704, [("Q4_K", "Q5_0"), ("Q4_K", "Q8_0"),
-                                                       ("Q8_0", "Q8_0")], dtype, device, reps)
+                                                       ("Q8_0", "Q8_0")], dtype, device, reps,
+                               args.sweep)
         print_table(rows)
     if not args.kernels_only:
         with tempfile.TemporaryDirectory() as tmp:
