@@ -17,8 +17,8 @@ _API = {
     "DiffcliError": "errors",
     "load": "model",
     "SamplerConfig": "sampler",
-    "generate": "generate",
-    "stream": "generate",
+    "generate": "generation",
+    "stream": "generation",
     "convert": "convert",
     "Tokenizer": "tokenizer",
 }

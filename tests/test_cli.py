@@ -10,7 +10,7 @@ import torch
 import diffcli
 from diffcli.chat import ChatTemplate, Conversation, split_thinking
 from diffcli.cli_run import run_cmd
-from diffcli.generate import CanvasEvent, Done, GenerationStats, StepEvent, generate
+from diffcli.generation import CanvasEvent, Done, GenerationStats, StepEvent, generate
 from diffcli.tokenizer import Tokenizer
 from _cli_fixtures import FAST, make_model, run, trace_records, with_metadata
 

@@ -15,7 +15,7 @@ import torch
 
 import diffcli
 from diffcli.errors import InputError
-from diffcli.generate import CanvasEvent, Done, StepEvent, generate, stream
+from diffcli.generation import CanvasEvent, Done, StepEvent, generate, stream
 from diffcli.sampler import SamplerConfig, trim_cli
 
 transformers = pytest.importorskip("transformers")
@@ -315,6 +315,6 @@ def test_sampler_defaults_from_model_config():
 
 
 def test_public_generate_callable_after_module_import():
-    # this module imported diffcli.generate (the module) above; the public name must still work
+    # this module imported diffcli.generation above; the public function must stay callable
     done = diffcli.generate(MockModel(), [1], max_new_tokens=4, seed=0, eog_ids=())
     assert isinstance(done, Done) and len(done.tokens) == 4

@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from diffcli.generate import CanvasEvent, StepEvent
+from diffcli.generation import CanvasEvent, StepEvent
 from diffcli.live import (STYLE_ACCEPTED, STYLE_SETTLED, STYLE_THINKING, LiveView, ProgressLine,
                           renoised_style)
 

@@ -19,9 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import sys
 import time
-import types
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
@@ -295,15 +293,3 @@ def _sync(device: torch.device) -> None:
 
 def _ms(t0: float) -> float:
     return 1000.0 * (time.perf_counter() - t0)
-
-
-class _CallableModule(types.ModuleType):
-    """`diffcli.generate` names both this module and the function: importing the module (e.g.
-    `from diffcli.generate import StepEvent`) rebinds the package attribute to the module, so
-    the module answers calls as the function does."""
-
-    def __call__(self, model, prompt_ids, **kwargs) -> Done:
-        return generate(model, prompt_ids, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
