@@ -11,8 +11,9 @@ V projection at all (V is the raw K projection); a dense MLP and routed experts 
 on the same residual and are summed, each with its own norms; the whole layer output (residual
 included) is multiplied by a scalar.
 
-Numerics: norms, RoPE, the router, softmaxes and the logits run in float32; everything else in
-the activation dtype (float32 on CPU, bfloat16 on accelerators by default).
+Numerics: norms, RoPE, the router, softmaxes and the logit softcap run in float32; matmuls take
+the activation dtype (float32 on CPU, bfloat16 on accelerators by default) and accumulate in
+float32; the LM head's output is cast to float32 before the softcap, as in transformers.
 
 Legend: C canvas, P prefix (tokens in the cache), T tokens in this pass, L keys attended,
 H hidden, V vocab, F dense width, E experts, A active experts, Nq query heads, Nkv KV heads,
@@ -21,7 +22,7 @@ D head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
