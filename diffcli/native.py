@@ -65,6 +65,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_simd.restype = ctypes.c_char_p
     lib.dn_set_threads.argtypes = [i32]
     lib.dn_get_threads.restype = i32
+    lib.dn_block_info.argtypes = [i32, ptr, ptr]
+    lib.dn_block_info.restype = i32
     lib.dn_dequantize.argtypes = [ptr, i32, i64, ptr]
     lib.dn_qmatmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr]
     lib.dn_moe.argtypes = [ptr, i64, i64, ptr, i32, ptr, i32, i64, i64, ptr, ptr, i64, ptr]
@@ -110,6 +112,16 @@ def supports(qtype: str) -> bool:
     return available() and qtype in QTYPE_IDS and qtype != "F32"
 
 
+def block_info(qtype: str) -> tuple[int, int]:
+    """(values, bytes) per block of `qtype` as the loaded library knows them."""
+    lib = _library()
+    if lib is None or qtype not in QTYPE_IDS:
+        raise ValueError(f"no native kernel for {qtype}")
+    elems, size = ctypes.c_int64(), ctypes.c_int64()
+    lib.dn_block_info(QTYPE_IDS[qtype], ctypes.byref(elems), ctypes.byref(size))
+    return elems.value, size.value
+
+
 def simd() -> str:
     """The SIMD path compiled into the loaded library ("avx2", "neon", "scalar")."""
     lib = _library()
@@ -130,11 +142,22 @@ def _call(name: str, *args) -> None:
         raise ValueError(f"{name}: {_ERRORS.get(rc, f'error {rc}')}")
 
 
+# (values, bytes) per block; the C side trusts these sizes, so the bytes are checked here.
+_BLOCKS = {"F32": (1, 4), "F16": (1, 2), "BF16": (1, 2), "Q8_0": (32, 34), "Q5_0": (32, 22),
+           "Q4_K": (256, 144), "Q6_K": (256, 210)}
+
+
 def _raw(qt: QTensor) -> torch.Tensor:
+    """The bytes of qt, after checking they are exactly what its type and shape need (the C code
+    would otherwise read past the end)."""
+    name = qt.name or "tensor"
     if qt.qtype not in QTYPE_IDS:
-        raise ValueError(f"{qt.name or 'tensor'}: type {qt.qtype} has no native kernel")
-    if qt.raw.device.type != "cpu":
-        raise ValueError(f"{qt.name or 'tensor'}: native kernels need CPU bytes, got {qt.raw.device}")
+        raise ValueError(f"{name}: type {qt.qtype} has no native kernel")
+    if qt.raw.device.type != "cpu" or qt.raw.dtype != torch.uint8:
+        raise ValueError(f"{name}: native kernels need CPU uint8 bytes, got {qt.raw.dtype} on {qt.raw.device}")
+    per, size = _BLOCKS[qt.qtype]
+    if qt.shape[-1] % per or qt.nbytes != qt.numel // per * size:
+        raise ValueError(f"{name}: {qt.nbytes} bytes do not hold a {qt.qtype} tensor of shape {list(qt.shape)}")
     return qt.raw.contiguous()
 
 

@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from diffcli import native, ops, quants
@@ -81,6 +81,12 @@ def _weights(qtype, shape, rng, scale=0.05):
         raw = random_blocks(qtype, shape, rng, scale=scale)
         ref = reference(raw, qtype, shape)
     return QTensor(torch.from_numpy(raw), qtype, tuple(shape), qtype), ref.double()
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES)
+def test_block_sizes_match_gguf(lib, qtype):
+    expected = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    assert native.block_info(qtype) == expected == native._BLOCKS[qtype]
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES)
@@ -179,6 +185,9 @@ def test_bad_calls_raise(lib):
     dn, _ = _weights("Q8_0", (2, 64, 32), rng)
     with pytest.raises(ValueError, match="expert id out of range"):
         native.moe(torch.zeros(1, 64), gu, dn, torch.tensor([[2]]), torch.ones(1, 1))
+    short = QTensor(qt.raw[:-34], "Q8_0", (16, 64), "short")          # one block missing
+    with pytest.raises(ValueError, match="do not hold"):
+        native.qmatmul(torch.zeros(2, 64), short)
     assert native.supports("Q4_K") and not native.supports("IQ4_XS")
     assert not native.supports("F32")          # the BLAS on the zero-copy view is faster
     assert native.main(["frobnicate"]) == 2
