@@ -14,6 +14,9 @@
 
 #include <stdlib.h>
 #include <string.h>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <vector>
@@ -47,12 +50,20 @@ struct Scratch {
     void* base;
     explicit Scratch(int64_t tb) {
         const size_t n = (size_t)(2 * NR * KB + tb * NR);
+#if defined(_WIN32)
+        base = _aligned_malloc(n * sizeof(float), 64);
+#else
         base = aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64);
+#endif
         rows = (float*)base;
         wt = rows + NR * KB;
         acc = wt + NR * KB;
     }
+#if defined(_WIN32)
+    ~Scratch() { _aligned_free(base); }
+#else
     ~Scratch() { free(base); }
+#endif
     Scratch(const Scratch&) = delete;
     Scratch& operator=(const Scratch&) = delete;
 };
