@@ -279,6 +279,17 @@ def _random_gguf(path, H=64, V=512, n_layer=2, qtype=gguf.GGMLQuantizationType.F
     return path
 
 
+def test_name_table_covers_the_file(tiny):
+    """Every tensor of a converted file is read by the model, and nothing else is expected."""
+    from diffcli.weights import expected_shapes
+    model, _ = tiny
+    f = model.gguf
+    shapes = expected_shapes(model.config)
+    assert set(shapes) == set(f.tensor_names)
+    for name, shape in shapes.items():
+        assert tuple(f.info(name).shape) in (shape, (1,) + shape), name
+
+
 def test_missing_tensor_is_named(tmp_path):
     path = _random_gguf(tmp_path / "m.gguf", drop=("blk.1.ffn_gate_up_exps.weight",))
     with pytest.raises(InputError, match=r"blk\.1\.ffn_gate_up_exps\.weight.*missing"):
