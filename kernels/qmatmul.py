@@ -253,7 +253,8 @@ def qmatmul(x: torch.Tensor, qt, block_m: int | None = None, block_n: int | None
     assert qt.raw.device == x.device, "x and the weight must be on one device"
     N, K = qt.shape
     if qt.qtype in FLOAT_TYPES:
-        w = qt.raw.view(FLOAT_TYPES[qt.qtype]).view(N, K)
+        raw = qt.raw.clone() if qt.raw.storage_offset() % 4 else qt.raw   # dtype views need alignment
+        w = raw.view(FLOAT_TYPES[qt.qtype]).view(N, K)
         return (x.float() @ w.float().t()).to(x.dtype) if x.dtype != w.dtype else x @ w.t()
     if qt.qtype not in LAYOUT:
         # formats without a fused decoder (Q4_0, Q2_K, IQ4_NL, ...): Triton dequantize, then matmul

@@ -119,15 +119,18 @@ def bench_qmatmul(shapes, T: int, dtype, device, reps: int, sweep: bool) -> list
                    fused_GBps=qt.nbytes / t_fused / 1e6)
         if sweep:
             best = (t_fused, "default")
-            for bm, bn, nw in ((64, 64, 4), (64, 32, 8), (128, 64, 8), (128, 32, 4), (256, 32, 8)):
+            for bm, bn, nw, ns in ((64, 64, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 2),
+                                   (256, 32, 8, 2), (128, 32, 8, 3), (128, 32, 8, 4), (64, 64, 4, 4)):
                 if bm > T:
                     continue
+                cfg = f"BM={bm} BN={bn} warps={nw} stages={ns}"
                 try:
-                    t = timeit(lambda: qmatmul(x, qt, block_m=bm, block_n=bn, num_warps=nw), reps)
+                    t = timeit(lambda: qmatmul(x, qt, block_m=bm, block_n=bn, num_warps=nw,
+                                               num_stages=ns), reps)
                 except Exception as exc:    # e.g. OutOfResources (shared memory) for big tiles
-                    print(f"  skip BM={bm} BN={bn} warps={nw}: {type(exc).__name__}", flush=True)
+                    print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
                     continue
-                best = min(best, (t, f"BM={bm} BN={bn} warps={nw}"))
+                best = min(best, (t, cfg))
             row.update(best_ms=best[0], best_cfg=best[1])
         rows.append(row)
         print(row, flush=True)
@@ -165,15 +168,15 @@ def sweep_moe(x, gu, dn, ids, w, reps: int) -> dict:
     out = {}
     for which in ("gate_up", "down"):
         best = (float("inf"), None)
-        for bm in (16, 32, 64):
+        for bm, ns in ((16, 2), (32, 2), (64, 2), (64, 3), (64, 4)):
             for cfg in ((32, 4), (32, 8), (64, 4), (64, 8), (128, 8)):
-                kw = {"block_m": bm, f"{which}_cfg": cfg}
+                kw = {"block_m": bm, f"{which}_cfg": cfg, "num_stages": ns}
                 try:
                     t = timeit(lambda: moe_triton(x, gu, dn, ids, w, **kw), reps)
                 except Exception as exc:
                     print(f"  skip {kw}: {type(exc).__name__}", flush=True)
                     continue
-                best = min(best, (t, f"BM={bm} BN={cfg[0]} warps={cfg[1]}"))
+                best = min(best, (t, f"BM={bm} BN={cfg[0]} warps={cfg[1]} stages={ns}"))
         out[f"best_{which}_ms"], out[f"best_{which}_cfg"] = best
     return out
 
@@ -237,6 +240,9 @@ def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
     rows.append(dict(section="model", name="denoise step (no self-cond)", value=ms_first,
                      unit="ms"))
     rows.append(dict(section="model", name="denoise step (self-cond)", value=ms_sc, unit="ms"))
+    diffcli.generate(model, prompt[:16], max_new_tokens=C, seed=0, mode="hf", eog_ids=[-1],
+                     sampler=diffcli.SamplerConfig(max_steps=2, confidence=0.0))   # warm-up
+    sync()
     for S in step_counts:
         sampler = diffcli.SamplerConfig(max_steps=S, confidence=0.0)
         done = diffcli.generate(model, prompt[:256], max_new_tokens=C * canvases, sampler=sampler,
@@ -296,7 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="try qmatmul tile configs")
     ap.add_argument("--prompt", type=int, default=None, help="prefill length (default 4096)")
-    ap.add_argument("--canvases", type=int, default=1)
+    ap.add_argument("--canvases", type=int, default=2,
+                    help="canvases per generate run (2: one commit is included)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json")
     ap.add_argument("--csv")
