@@ -74,3 +74,14 @@ def test_qmatmul_rejects_bad_inputs():
                                        ("Q5_0", 2816, 2112), ("Q8_0", 2816, 704)])
 def test_qmatmul_gpu_real_shapes(qtype, N, K):
     _check(qtype, 256, torch.bfloat16, "cuda", N=N, K=K)
+
+
+@pytest.mark.parametrize("qtype,dt", [("F16", torch.float16), ("BF16", torch.bfloat16),
+                                      ("F32", torch.float32)])
+def test_qmatmul_float_weights_unaligned_view(qtype, dt):
+    # float weights come as byte views of the mmap, possibly at an offset no dtype view accepts
+    w = torch.randn(8, 64).to(dt)
+    raw = torch.cat([torch.zeros(2, dtype=torch.uint8), w.view(torch.uint8).reshape(-1)])[2:]
+    x = torch.randn(3, 64)
+    y = qmatmul(x.to(DEVICE), QTensor(raw.to(DEVICE), qtype, (8, 64))).cpu()
+    torch.testing.assert_close(y, x @ w.float().t(), rtol=1e-5, atol=1e-5)
