@@ -19,7 +19,7 @@ _API = {
     "SamplerConfig": "sampler",
     "generate": "generation",
     "stream": "generation",
-    "convert": "convert",
+    "convert": "converter",
     "Tokenizer": "tokenizer",
 }
 

@@ -133,7 +133,7 @@ def run_contender(a, kind: str, model: Path, logits: Path, sc: Path) -> dict:
 
 
 def prepare(work: Path, types: list[str], log) -> tuple[Path, dict[str, Path]]:
-    from diffcli.convert import convert   # the function; `diffcli.convert` can be the module
+    from diffcli import convert
     from diffcli.testing import build_tiny_hf_model, save_tiny_checkpoint
 
     t = time.perf_counter()

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from diffcli.cli import cli  # noqa: E402
-from diffcli.convert import convert  # noqa: E402
+from diffcli.converter import convert  # noqa: E402
 from diffcli.errors import InputError  # noqa: E402
 from diffcli.testing import (build_tiny_hf_model, make_random_gguf, save_tiny_checkpoint,  # noqa: E402
                              toy_tokenizer)
@@ -301,7 +301,7 @@ def test_outtypes_f16_bf16_q8_0(tiny, tmp_path):
 
 
 def test_hf_shapes_match_transformers_for_h96_and_default_layer_pattern():
-    from diffcli.convert import HParams, hf_shapes
+    from diffcli.converter import HParams, hf_shapes
     for kw in [dict(variant="h96"), dict(num_hidden_layers=6, layer_types=None)]:
         model = build_tiny_hf_model(seed=1, **kw)
         sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -336,7 +336,7 @@ def test_toy_tokenizer_layout_and_round_trip():
 
 
 def test_failure_while_writing_leaves_nothing_behind(tmp_path):
-    from diffcli.convert import HParams, write_gguf
+    from diffcli.converter import HParams, write_gguf
     from diffcli.testing import random_state_dict, tiny_config_dict, toy_gguf_vocab
     cfg = tiny_config_dict()
     weights = random_state_dict(cfg)
