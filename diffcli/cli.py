@@ -62,21 +62,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    try:
-        from .cli_inspect import inspect_cmd
-        cli.add_command(inspect_cmd, "inspect")
-    except ImportError:
-        pass
-    try:
-        from .cli_convert import convert_cmd
-        cli.add_command(convert_cmd, "convert")
-    except ImportError:
-        pass
-    try:
-        from .cli_run import run_cmd
-        cli.add_command(run_cmd, DEFAULT_COMMAND)
-    except ImportError:
-        pass
+    # Imported here, not at the top: each command module imports the group's error handling.
+    from .cli_convert import convert_cmd
+    from .cli_inspect import inspect_cmd
+    from .cli_run import run_cmd
+    cli.add_command(inspect_cmd, "inspect")
+    cli.add_command(convert_cmd, "convert")
+    cli.add_command(run_cmd, DEFAULT_COMMAND)
 
 
 _register()
