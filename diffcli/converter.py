@@ -313,6 +313,10 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
                                  f"implies {list(shape)}", fix="config.json does not belong to these weights")
             w.write_tensor_data(quantize(data, types[gname]))
         w.close()
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out_path)
     except BaseException:
         w.close()

@@ -13,9 +13,15 @@ Prints the path of the file it wrote.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from diffcli.testing import make_random_gguf
+try:
+    from diffcli.errors import DiffcliError
+    from diffcli.testing import make_random_gguf
+except ImportError as exc:      # run with a Python that has no diffcli (not .venv's)
+    sys.exit(f"make_tiny_model: cannot import diffcli ({exc}); run scripts/setup.sh, then use "
+             f".venv/bin/python scripts/make_tiny_model.py (or activate .venv first)")
 
 
 def main() -> None:
@@ -31,9 +37,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = ap.parse_args()
     overrides = {"canvas_length": args.canvas, "num_hidden_layers": args.layers}
-    path = make_random_gguf(args.out, overrides, args.outtype, seed=args.seed,
-                            variant=f"h{args.hidden}")
+    try:
+        path = make_random_gguf(args.out, overrides, args.outtype, seed=args.seed,
+                                variant=f"h{args.hidden}")
+    except DiffcliError as exc:
+        print(f"make_tiny_model: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     print(path)
+    print(f"make_tiny_model: wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB, random weights: "
+          f"replies are gibberish); try: diffcli -m {path} -p \"Hello\" --diffusion-visual",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":
