@@ -127,7 +127,7 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise InputError("no such file", path=self.path, fix="check the model path (-m)")
+            raise InputError("no such file", path=self.path, fix="check the path of the .gguf file")
         if self.path.is_dir():
             raise InputError("is a directory, not a GGUF file", path=self.path,
                              fix="pass the .gguf file inside it")
