@@ -45,8 +45,17 @@ python -m pip install -q --upgrade pip >>"$LOG" 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip_step "installing torch (CUDA build; several GB)" torch
+  elif [ "$(uname -s)" = Darwin ]; then
+    pip_step "installing torch 2.13.0" torch==2.13.0          # macOS wheels are CPU/MPS only
   else
-    pip_step "installing torch 2.13.0 (CPU build)" torch==2.13.0
+    # PyPI's Linux torch wheel pulls ~3 GB of CUDA libraries; the +cpu build comes from an index
+    # that has it (one configured for pip, or PyTorch's CPU index), PyPI's build only as a last resort.
+    say "installing torch 2.13.0 (CPU build)"
+    if ! python -m pip install torch==2.13.0+cpu >>"$LOG" 2>&1 \
+       && ! python -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu >>"$LOG" 2>&1; then
+      pip_step "installing torch 2.13.0 from PyPI (no CPU-only build found; this one brings CUDA libraries)" \
+        torch==2.13.0
+    fi
   fi
 fi
 pip_step "installing diffcli${extras:+ with the test dependencies}" -e ".$extras"
