@@ -7,7 +7,6 @@ is a pipe. No tensor code lives here.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -210,25 +209,22 @@ def resolve_device(name: str) -> str:
 
 
 def load_model(opts: RunOptions, device: str):
-    """diffcli.load with the placement flags it understands; the others are logged."""
+    """diffcli.load with the placement flags (-ngl, --n-cpu-moe, -ot, --no-mmap); a placement
+    that splits the model across devices is logged in one line."""
     from . import load
     if opts.threads > 0:
         import torch
         torch.set_num_threads(opts.threads)
-    wanted = {"n_gpu_layers": opts.n_gpu_layers, "n_cpu_moe": opts.n_cpu_moe,
-              "override_tensor": list(opts.override_tensor) or None,
-              "mmap": False if opts.no_mmap else None}
-    params = inspect.signature(load).parameters
-    kw = {}
-    for name, value in wanted.items():
-        if value is None:
-            continue
-        if name in params:
-            kw[name] = value
-        elif not (name == "n_gpu_layers" and value == -1):
-            log(f"diffcli: {name.replace('_', '-')}={value} is accepted but this build does not "
-                "place tensors by it yet; ignored")
-    return load(opts.model, device=device, **kw)
+    model = load(opts.model, device=device, n_gpu_layers=opts.n_gpu_layers,
+                 n_cpu_moe=opts.n_cpu_moe or 0, override_tensor=tuple(opts.override_tensor),
+                 mmap=not opts.no_mmap)
+    plan = getattr(model, "placement", None)
+    if plan is not None and len({*plan.layers, plan.head, *plan.tensors.values()}) > 1:
+        on_accel = sum(d == plan.accel for d in plan.layers)
+        off = sum(d.type == "cpu" for d in plan.tensors.values())
+        log(f"diffcli: placement: {on_accel}/{len(plan.layers)} layers on {plan.accel}, head on "
+            f"{plan.head}; {off} of {len(plan.tensors)} tensors on the CPU")
+    return model
 
 
 def open_trace(path: str):

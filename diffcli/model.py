@@ -31,7 +31,7 @@ from . import ops
 from .config import ModelConfig
 from .gguffile import open_gguf
 from .qtensor import QTensor
-from .weights import LayerWeights, Weights, load_weights
+from .weights import LayerWeights, Weights, load_weights, validate
 
 
 @dataclass
@@ -76,14 +76,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def gated_mlp(x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor) -> torch.Tensor:
-    return ops.qlinear(F.gelu(ops.qlinear(x, gate), approximate="tanh") * ops.qlinear(x, up), down)
-
-
 class DiffusionGemma:
+    """`device` is the head's (embedding, self-conditioning, logits); `layer_devices[i]` holds
+    layer i's activations, norms and KV cache (see placement.py). `dtypes` maps a device to its
+    activation dtype; `dtype` is the head's."""
+
     def __init__(self, config: ModelConfig, weights: Weights, device: torch.device,
-                 dtype: torch.dtype, cache_embedding: bool):
+                 dtype: torch.dtype, cache_embedding: bool,
+                 layer_devices: list[torch.device] | None = None,
+                 dtypes: dict[torch.device, torch.dtype] | None = None):
         self.config, self.w, self.device, self.dtype = config, weights, device, dtype
+        self.layer_devices = list(layer_devices or [device] * config.n_layer)
+        self.dtypes = dict(dtypes or {})
+        self.dtypes.setdefault(device, dtype)
         self.cache_embedding = cache_embedding
         self.prefill_chunk = 1024
         self._embed_dense: torch.Tensor | None = None
@@ -104,8 +109,8 @@ class DiffusionGemma:
     # -- public API ---------------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         cfg = self.config
-        empty = [torch.empty(cfg.n_head_kv[i], 0, cfg.layer_head_dim(i), dtype=self.dtype,
-                             device=self.device) for i in range(cfg.n_layer)]
+        empty = [torch.empty(cfg.n_head_kv[i], 0, cfg.layer_head_dim(i), device=dev,
+                             dtype=self.dtype_on(dev)) for i, dev in enumerate(self.layer_devices)]
         return KVCache(empty, list(empty), list(cfg.swa_pattern), cfg.sliding_window)
 
     @torch.inference_mode()
@@ -137,8 +142,10 @@ class DiffusionGemma:
                 mask &= kpos[None, :] > pos[:, None] - W
             masks[kind] = mask
         last = self.config.n_layer - 1
+        where = _PerDevice(rope, masks)
         for i, lw in enumerate(self.w.layers):
             kind = self.config.layer_types[i]
+            x, rope, masks = self._to_layer(i, x, where)
             q, k, v = self._qkv(i, lw, x, rope[kind])
             k_all = torch.cat([cache.keys[i], k], dim=1)                # [Nkv, L, D]
             v_all = torch.cat([cache.values[i], v], dim=1)
@@ -162,20 +169,24 @@ class DiffusionGemma:
             x = rms(e, eps=self._eps)    # zero soft embedding -> the SC MLP outputs exactly zero
         else:
             E = self._dense_embedding()                                # [V, H]
-            probs = torch.softmax(sc_logits.to(self.device).float(), dim=-1)   # [C, V]
-            soft = (probs.to(self.dtype) @ E) * math.sqrt(H)           # [C, H]
+            probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
+            soft = (probs.to(E.dtype) @ E).to(self.device, self.dtype) * math.sqrt(H)  # [C, H]
             n = rms(soft, self.w.sc_pre_norm, self._eps)
-            x = rms(e + gated_mlp(n, self.w.sc_gate, self.w.sc_up, self.w.sc_down), eps=self._eps)
-        rope = self._rope(pos)
+            x = rms(e + self._mlp(n, self.w.sc_gate, self.w.sc_up, self.w.sc_down), eps=self._eps)
+        where = _PerDevice(self._rope(pos), {})
         for i, lw in enumerate(self.w.layers):
+            x, rope, _ = self._to_layer(i, x, where)
             q, k, v = self._qkv(i, lw, x, rope[self.config.layer_types[i]])
             k_all = torch.cat([cache.keys[i], k], dim=1)                # [Nkv, L, D]
             v_all = torch.cat([cache.values[i], v], dim=1)
             # No mask: every canvas query sees every cached key of its layer (sliding layers hold
             # the last W-1) and the whole canvas, whatever its own position.
             x = self._layer(lw, x, q, k_all, v_all, None, lw.dec_scale)
-        x = rms(x, self.w.output_norm, self._eps)
-        logits = (x @ E.t() if E is not None else ops.qlinear(x, self.w.embed)).float()  # [C, V]
+        x = rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps)
+        if E is not None:
+            logits = (x.to(E.device, E.dtype) @ E.t()).to(self.device).float()   # [C, V]
+        else:
+            logits = self._lin(x, self.w.embed).float()
         cap = self.config.final_logit_softcap
         return cap * torch.tanh(logits / cap)
 
@@ -188,9 +199,9 @@ class DiffusionGemma:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, H] (unscaled), dequantizing only the rows asked for."""
         if self._embed_dense is not None:
-            return self._embed_dense[ids]
+            return self._embed_dense[ids.to(self._embed_dense.device)].to(self.device, self.dtype)
         E = self.w.embed
-        rows = E.blocks()[ids]                                         # [T, row bytes]
+        rows = E.blocks()[ids.to(E.device)]                            # [T, row bytes]
         sub = QTensor(rows.reshape(-1), E.qtype, (ids.numel(), E.shape[-1]), E.name)
         return ops.dequantize(sub, self.dtype, self.device)
 
@@ -217,7 +228,9 @@ class DiffusionGemma:
         """
         if self._embed_dense is not None:
             return self._embed_dense
-        E = ops.dequantize(self.w.embed, self.dtype, self.device)
+        # built where the embedding was placed (an -ot may keep it off the head's device)
+        where = self.w.embed.device
+        E = ops.dequantize(self.w.embed, self.dtype_on(where), where)
         if self.cache_embedding:
             self._embed_dense = E
         return E
@@ -235,13 +248,13 @@ class DiffusionGemma:
         cfg, (cos, sin) = self.config, rope
         T, D = x.shape[0], cfg.layer_head_dim(i)
         h = rms(x, lw.attn_norm, self._eps)
-        q = ops.qlinear(h, lw.wq).view(T, cfg.n_head, D)
-        k_raw = ops.qlinear(h, lw.wk).view(T, cfg.n_head_kv[i], D)
-        v_raw = ops.qlinear(h, lw.wv).view(T, cfg.n_head_kv[i], D) if lw.wv is not None else k_raw
+        q = self._lin(h, lw.wq).view(T, cfg.n_head, D)
+        k_raw = self._lin(h, lw.wk).view(T, cfg.n_head_kv[i], D)
+        v_raw = self._lin(h, lw.wv).view(T, cfg.n_head_kv[i], D) if lw.wv is not None else k_raw
         q = rms(q, lw.q_norm, self._eps).float()
         k = rms(k_raw, lw.k_norm, self._eps).float()
-        q = (q * cos + rotate_half(q) * sin).to(self.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(self.dtype)
+        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
         v = rms(v_raw, eps=self._eps)
         return q, k.transpose(0, 1), v.transpose(0, 1)
 
@@ -253,8 +266,8 @@ class DiffusionGemma:
             q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=1.0,
             enable_gqa=q.shape[1] != k.shape[0])
         a = a[0].transpose(0, 1).reshape(T, -1)                        # [T, Nq*D]
-        x = x + rms(ops.qlinear(a, lw.wo), lw.post_attn_norm, self._eps)
-        dense = rms(gated_mlp(rms(x, lw.ffn_norm, self._eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down),
+        x = x + rms(self._lin(a, lw.wo), lw.post_attn_norm, self._eps)
+        dense = rms(self._mlp(rms(x, lw.ffn_norm, self._eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down),
                     lw.post_ffn_norm_1, self._eps)                     # [T, H]
         moe = rms(self._experts(lw, x), lw.post_ffn_norm_2, self._eps)   # [T, H]
         x = x + rms(dense + moe, lw.post_ffn_norm, self._eps)
@@ -269,25 +282,85 @@ class DiffusionGemma:
         weights = weights / weights.sum(-1, keepdim=True)              # renormalise, then scale
         weights = weights * lw.exp_scale[ids]
         xe = rms(x, lw.pre_ffn_norm_2, self._eps)                      # [T, H]
-        return ops.moe_experts(xe, lw.exp_gate_up, lw.exp_down, ids, weights)
+        where = lw.exp_gate_up.device
+        if where == x.device:
+            return ops.moe_experts(xe, lw.exp_gate_up, lw.exp_down, ids, weights)
+        # experts kept elsewhere (--n-cpu-moe, -ot): only the [T, H] input and output cross
+        out = ops.moe_experts(xe.to(where, self.dtype_on(where)), lw.exp_gate_up, lw.exp_down,
+                              ids.to(where), weights.to(where))
+        return out.to(x.device, x.dtype)
+
+    # -- placement ----------------------------------------------------------------------------
+    def dtype_on(self, device: torch.device) -> torch.dtype:
+        """Activation dtype on a device: as given to load(), else float32 on CPU, bf16 elsewhere."""
+        if device not in self.dtypes:
+            self.dtypes[device] = torch.float32 if device.type == "cpu" else torch.bfloat16
+        return self.dtypes[device]
+
+    def _lin(self, x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
+        """ops.qlinear where the weight lives: x crosses to it and the product comes back."""
+        if w.device == x.device:
+            return ops.qlinear(x, w)
+        return ops.qlinear(x.to(w.device, self.dtype_on(w.device)), w).to(x.device, x.dtype)
+
+    def _mlp(self, x: torch.Tensor, gate: QTensor, up: QTensor, down: QTensor) -> torch.Tensor:
+        return self._lin(F.gelu(self._lin(x, gate), approximate="tanh") * self._lin(x, up), down)
+
+    def _to_layer(self, i: int, x: torch.Tensor, where: "_PerDevice"):
+        """The hidden state, RoPE tables and masks on layer i's device (moved at a boundary)."""
+        dev = self.layer_devices[i]
+        if x.device != dev:
+            x = x.to(dev, self.dtype_on(dev))
+        return (x,) + where.on(dev)
+
+
+class _PerDevice:
+    """A pass's RoPE tables and masks, copied to each device the layers use, once per pass."""
+
+    def __init__(self, rope: dict, masks: dict):
+        self.copies = {}
+        self.rope, self.masks = rope, masks
+
+    def on(self, dev: torch.device) -> tuple[dict, dict]:
+        if dev not in self.copies:
+            move = lambda d: {k: (tuple(t.to(dev) for t in v) if isinstance(v, tuple) else v.to(dev))
+                              for k, v in d.items()}
+            self.copies[dev] = (move(self.rope), move(self.masks))
+        return self.copies[dev]
 
 
 def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-         cache_embedding: bool | None = None) -> DiffusionGemma:
-    """Open a diffusion-gemma GGUF. Weights stay quantized (raw bytes on `device`).
+         cache_embedding: bool | None = None, n_gpu_layers: int = -1, n_cpu_moe: int | None = 0,
+         override_tensor=(), mmap: bool = True) -> DiffusionGemma:
+    """Open a diffusion-gemma GGUF. Weights stay quantized (raw bytes where they are placed).
 
-    dtype: activation dtype; default float32 on CPU, bfloat16 elsewhere.
+    device: the accelerator (or "cpu"). n_gpu_layers / n_cpu_moe / override_tensor place layers
+    and tensors as llama.cpp's -ngl / --n-cpu-moe / -ot do (semantics in placement.py); the
+    default puts everything on `device`. Before anything is copied to a CUDA device, the bytes
+    the placement needs there are checked against the free memory: a placement that cannot fit
+    raises InputError naming one that does.
+    dtype: activation dtype everywhere; default float32 on CPU, bfloat16 elsewhere (per device).
     cache_embedding: keep a dequantized copy of the tied embedding for self-conditioning
-    (see DiffusionGemma._dense_embedding); default True on accelerators, False on CPU.
+    (see DiffusionGemma._dense_embedding); default True when the head is on an accelerator.
+    mmap: False (--no-mmap) copies the CPU-placed weights out of the file mapping into process
+    memory at load time (the whole file is read once); True leaves them as views of the mapping.
     """
-    device = torch.device(device)
+    from .placement import canonical, check_fits, plan_placement
+    device = canonical(device)
     f = open_gguf(path)
     cfg = ModelConfig.from_gguf(f)
-    weights = load_weights(f, cfg, device)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    validate(f, cfg)
+    plan = plan_placement(f.tensor_names, cfg.n_layer, device, n_gpu_layers, n_cpu_moe or 0,
+                          override_tensor or ())
+    act = {d: dtype or (torch.float32 if d.type == "cpu" else torch.bfloat16)
+           for d in {plan.head, *plan.layers, *plan.tensors.values()}}
+    check_fits(f, cfg, plan, act, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe or 0,
+               override_tensor=override_tensor or ())
+    weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
     if cache_embedding is None:
-        cache_embedding = device.type != "cpu"
-    model = DiffusionGemma(cfg, weights, device, dtype, cache_embedding)
+        cache_embedding = plan.head.type != "cpu"
+    model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
+                           plan.layers, act)
     model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer
+    model.placement = plan
     return model

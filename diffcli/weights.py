@@ -155,14 +155,28 @@ def validate(f: GGUFFile, cfg: ModelConfig) -> None:
                              fix="the file's metadata and tensors disagree; convert it again")
 
 
-def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> Weights:
+def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, plan=None,
+                 copy: bool = False) -> Weights:
+    """Every weight on `device`, or where `plan` (a placement.Plan) puts it: quantized matrices
+    on their own device, the small float tensors on their layer's (the head's for model-wide
+    ones). copy: CPU-placed matrices are copied out of the mmap into process memory (--no-mmap),
+    so the model no longer reads the file's pages after loading."""
     validate(f, cfg)
 
-    def get(attr: str, name: str):
+    def where(name: str, layer: int | None) -> torch.device:
+        if plan is None:
+            return device
+        return plan.head if layer is None else plan.layers[layer]
+
+    def get(attr: str, name: str, layer: int | None = None):
         qt = f.tensor(name)
         if attr in QUANTIZED:
-            return qt.to(device)
-        return qt.dequantize(torch.float32).reshape(-1).to(device)
+            dev = device if plan is None else plan.tensors[name]
+            if dev.type == "cpu":
+                return QTensor(qt.raw.clone(), qt.qtype, qt.shape, qt.name) if copy else qt
+            return qt.to(dev)
+        t = qt.dequantize(torch.float32).reshape(-1).to(where(name, layer))
+        return t.clone() if copy and t.device.type == "cpu" else t
 
     glob = {attr: get(attr, name) for attr, name in GLOBAL_NAMES.items()}
     layers = []
@@ -175,8 +189,8 @@ def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device) -> Weights
             elif attr in ("dec_scale", "enc_scale"):
                 lw[attr] = float(f.tensor(name).dequantize(torch.float32).reshape(-1)[0])
             elif attr == "router":
-                lw[attr] = f.tensor(name).dequantize(torch.float32).to(device)   # [E, H]
+                lw[attr] = f.tensor(name).dequantize(torch.float32).to(where(name, i))   # [E, H]
             else:
-                lw[attr] = get(attr, name)
+                lw[attr] = get(attr, name, i)
         layers.append(LayerWeights(**lw))
     return Weights(layers=layers, **glob)
