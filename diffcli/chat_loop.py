@@ -52,6 +52,10 @@ def chat_loop(session: Session) -> None:
             session.conversation.clear()
             log("diffcli: conversation cleared")
             continue
+        if text.startswith("/") and text[1:].isalpha():
+            # a mistyped command, not a question: sending "/claer" to the model helps no one
+            log(f"diffcli: unknown command {text}; /help lists them")
+            continue
         t0 = time.perf_counter()
         conv = session.conversation
         conv.add_user(line.rstrip("\n"))

@@ -310,7 +310,7 @@ def test_chat_multi_turn_reuses_the_prompt_cache(model_path, tok, tmp_path, monk
 
 def test_chat_commands_and_eof(model_path, tok, tmp_path):
     trace = tmp_path / "chat.jsonl"
-    script = "first\n/help\n/clear\nsecond\n/exit\nnever sent\n"
+    script = "first\n/help\n/claer\n/clear\nsecond\n/exit\nnever sent\n"
     res = run(["-m", model_path, "-cnv", *FAST, "-sys", "SYS", "--trace", trace, "-p", "zeroth"],
               input=script)
     assert res.exit_code == 0, res.stderr
@@ -319,6 +319,7 @@ def test_chat_commands_and_eof(model_path, tok, tmp_path):
     assert "zeroth" in prompts[0] and "first" in prompts[1] and "zeroth" in prompts[1]
     assert "second" in prompts[2] and "first" not in prompts[2] and "SYS" in prompts[2]  # /clear
     assert "/clear" in res.stderr and "/help" not in res.stdout
+    assert "unknown command /claer" in res.stderr and "claer" not in "".join(prompts)
     assert len(res.stdout.splitlines()) >= 3 and "never sent" not in "".join(prompts)
     eof = run(["-m", model_path, "-cnv", *FAST], input="only line\n")   # EOF ends the session
     assert eof.exit_code == 0 and eof.stdout.endswith("\n")
