@@ -269,7 +269,8 @@ def test_cli_too_big_placement_exits_2(tiny, monkeypatch):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert re.search(r"needs \d+\.\d GB on cuda:0 but \d+\.\d GB is free; try -ngl 2$", lines[0])
+    assert re.search(r"needs \d+\.\d GB on cuda:0 but \d+\.\d GB is free; "
+                     r"try -ngl 2( or --n-cpu-moe \d)?$", lines[0])
 
 
 def test_cli_passes_placement_flags(tiny, monkeypatch):
