@@ -249,11 +249,14 @@ def click_options(f):
         click.option("--device", "-dev", "device", default="auto", show_default=True,
                      help="auto | cpu | cuda | cuda:N | mps (llama.cpp names like CUDA0 work)."),
         click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=int, default=-1,
-                     show_default=True, help="Layers on the GPU (-1 = all that the device allows)."),
+                     show_default=True,
+                     help="Layers on the GPU, the last ones (-1 = all, 0 = CPU only); a placement "
+                     "that does not fit the free GPU memory stops with a suggestion."),
         click.option("--n-cpu-moe", type=int, metavar="N",
                      help="Keep the experts of the first N layers on the CPU."),
         click.option("-ot", "--override-tensor", multiple=True, metavar="PATTERN=DEV",
-                     help="Tensor placement override (repeatable)."),
+                     help="Put tensors whose GGUF name matches PATTERN (a regex) on DEV "
+                     "(CPU, CUDA0, cuda:N, mps); repeatable, first match wins."),
         click.option("--no-mmap", is_flag=True, help="Read the weights into memory instead of mapping."),
         click.option("--mlock", is_flag=True, help="Accepted; no effect."),
         click.option("--check-tensors", is_flag=True, help="Accepted; tensors are always checked."),
