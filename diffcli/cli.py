@@ -33,6 +33,7 @@ class DiffcliCLI(click.Group):
         except DiffcliError as exc:
             _fail(ctx, exc.message, exc.exit_code)
         except KeyboardInterrupt:
+            _end_terminal_line()
             click.echo("diffcli: interrupted", err=True)
             ctx.exit(130)
         except click.UsageError as exc:   # bad flag or value: one line, exit 2
@@ -46,6 +47,16 @@ class DiffcliCLI(click.Group):
         except Exception as exc:  # a bug or an environment problem: one line unless --verbose
             _fail(ctx, f"internal error: {type(exc).__name__}: {exc}; rerun with --verbose for "
                        "the traceback", EXIT_RUNTIME)
+
+
+def _end_terminal_line() -> None:
+    # a reply cut by Ctrl-C ends mid-line; on a terminal the message below would be glued to it
+    try:
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
