@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dequant import _f16, _u8   # byte and unaligned-f16 loads shared with the dequantizers
+
 # qtype -> (values per ggml block, bytes per ggml block, BK values per K-tile)
 # A K-tile is decoded as two halves of BK/2 values, "a" and "b", where b's value k sits at a's
 # k + HALF: the two nibbles of one byte (Q4_K, Q5_0, Q6_K) land in different halves, so each byte
@@ -34,19 +36,6 @@ LAYOUT = {
 QTYPE_ID = {"Q8_0": 0, "Q5_0": 1, "Q4_K": 2, "Q6_K": 3}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SUPPORTED = frozenset(LAYOUT) | frozenset(FLOAT_TYPES)
-
-
-@triton.jit
-def _u8(ptr, off, mask):
-    return tl.load(ptr + off, mask=mask, other=0).to(tl.int32)
-
-
-@triton.jit
-def _f16(ptr, off, mask):
-    # an unaligned little-endian f16 read as two bytes, then reinterpreted
-    lo = tl.load(ptr + off, mask=mask, other=0).to(tl.uint16)
-    hi = tl.load(ptr + off + 1, mask=mask, other=0).to(tl.uint16)
-    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
