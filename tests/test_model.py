@@ -22,6 +22,8 @@ import diffcli
 from diffcli.backend import set_backend
 from diffcli.errors import InputError
 
+from _spec_names import gguf_name_for
+
 TOL = 1e-4          # max |Δlogit| against transformers, float32 (spec §G.4)
 PROMPT = torch.tensor([2] + list(range(10, 21)))    # 12 tokens > sliding window 8
 
@@ -162,32 +164,6 @@ def test_denoise_reads_cache_only(tiny):
 
 # -- quantized files: same model, weights as the file stores them ------------------------------
 
-# spec §A.5: HF decoder parameter -> GGUF tensor (the encoder shares every one of these)
-_HF_TO_GGUF = {
-    "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-    "self_conditioning.pre_norm.weight": "self_cond_pre_norm.weight",
-    "self_conditioning.gate_proj.weight": "self_cond_gate.weight",
-    "self_conditioning.up_proj.weight": "self_cond_up.weight",
-    "self_conditioning.down_proj.weight": "self_cond_down.weight",
-}
-_HF_LAYER_TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "pre_feedforward_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-    "post_feedforward_layernorm_1.weight": "post_ffw_norm_1.weight",
-    "pre_feedforward_layernorm_2.weight": "pre_ffw_norm_2.weight",
-    "post_feedforward_layernorm_2.weight": "post_ffw_norm_2.weight",
-    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
-    "router.proj.weight": "ffn_gate_inp.weight", "router.scale": "ffn_gate_inp.scale",
-    "router.per_expert_scale": "ffn_down_exps.scale",
-    "experts.gate_up_proj": "ffn_gate_up_exps.weight", "experts.down_proj": "ffn_down_exps.weight",
-}
-
-
 def _load_file_weights_into(hf, path):
     """Give the HF model the weights exactly as the GGUF stores them, dequantized by gguf-py."""
     reader = gguf.GGUFReader(path)
@@ -196,11 +172,7 @@ def _load_file_weights_into(hf, path):
     dec = hf.model.decoder
     with torch.no_grad():
         for name, p in dec.named_parameters():
-            if name.startswith("layers."):
-                _, i, rest = name.split(".", 2)
-                key = f"blk.{i}.{_HF_LAYER_TO_GGUF[rest]}"
-            else:
-                key = _HF_TO_GGUF[name]
+            key = gguf_name_for(f"model.decoder.{name}")     # spec §A.5 table
             p.copy_(stored[key].reshape(p.shape))
 
 
