@@ -11,6 +11,10 @@ Sections (each a table; --json/--csv write every row):
   the torch path (dequantize, then matmul) for accuracy (max abs and relative error vs an fp32
   matmul on the same dequantized weights) and time (median of CUDA-event timings); "dense" is a
   bf16 matmul on already-dequantized weights, GB/s counts the quantized bytes read once.
+  "vocab head" is the fused head of kernels/vocab.py (softcapped logits, argmax, lse, entropy and
+  the self-conditioning soft embedding) against the unfused torch sequence vocab_head_torch; its
+  errors are those of soft (max_abs_err, rel_err) and of the other outputs (named columns), GB/s
+  counts E read twice (one read per pass).
 - model: load time, ms per denoising step (with self-conditioning), prefill tokens/s for a 4096-token
   prompt, tokens/s at a fixed 16 and 48 steps per canvas (confidence 0 so no canvas stops early;
   256 emitted tokens per canvas), peak GPU memory.
@@ -43,6 +47,7 @@ from diffcli.backend import set_backend  # noqa: E402
 from diffcli.qtensor import QTensor  # noqa: E402
 from diffcli.kernels.moe import moe_triton  # noqa: E402
 from diffcli.kernels.qmatmul import qmatmul  # noqa: E402
+from diffcli.kernels.vocab import vocab_head, vocab_head_torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from synth_gguf import SCALES, F16_FIELDS, synthesize  # noqa: E402
@@ -211,6 +216,48 @@ def bench_moe(T, A, E, K, F, types, dtype, device, reps: int, sweep: bool = Fals
     return rows
 
 
+def bench_vocab(C: int, H: int, V: int, dtype, device, reps: int, sweep: bool = False,
+                tau: float = 0.8, cap: float = 30.0) -> list[dict]:
+    """Fused vocabulary head vs the unfused torch sequence (matmul, .float(), softcap, /tau,
+    softmax, argmax, logsumexp, entropy, probs.to(E.dtype) @ E) at one shape."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(C, H, device=device, generator=gen).to(dtype)
+    E = (torch.randn(V, H, device=device, generator=gen) * (3.0 / H ** 0.5)).to(dtype)  # std 3
+    out = vocab_head(x, E, cap, tau)
+    ref = vocab_head_torch(x, E, cap, tau)
+    amax, rel = errors(out.soft, ref.soft)
+    t_fused = timeit(lambda: vocab_head(x, E, cap, tau), reps)
+    t_bare = timeit(lambda: vocab_head(x, E, cap, tau, write_logits=False), reps)
+    t_torch = timeit(lambda: vocab_head_torch(x, E, cap, tau), reps)
+    row = dict(section="kernel", name="vocab head", qtype=str(dtype).replace("torch.", ""),
+               shape=f"{C}x{H}->{V}", max_abs_err=amax, rel_err=rel, fused_ms=t_fused,
+               torch_ms=t_torch, speedup_vs_torch=t_torch / t_fused,
+               fused_GBps=2 * E.numel() * E.element_size() / t_fused / 1e6,
+               fused_nologits_ms=t_bare,
+               logits_err=(out.logits - ref.logits).abs().max().item(),
+               lse_err=(out.lse - ref.lse).abs().max().item(),
+               entropy_err=(out.entropy - ref.entropy).abs().max().item(),
+               argmax_agree=(out.argmax == ref.argmax).float().mean().item())
+    del out, ref
+    if sweep:
+        best = (t_fused, "default")
+        for bm, bv, bk, bh, nw, ns in ((128, 128, 64, 128, 8, 3), (128, 64, 64, 128, 4, 3),
+                                       (128, 64, 64, 64, 8, 3), (128, 128, 64, 128, 8, 2),
+                                       (64, 128, 64, 128, 4, 3), (128, 128, 32, 128, 8, 4),
+                                       (128, 128, 64, 64, 8, 3), (128, 256, 64, 128, 8, 2)):
+            cfg = f"BM={bm} BV={bv} BK={bk} BH={bh} warps={nw} stages={ns}"
+            try:
+                t = timeit(lambda: vocab_head(x, E, cap, tau, block_m=bm, block_v=bv, block_k=bk,
+                                              block_h=bh, num_warps=nw, num_stages=ns), reps)
+            except Exception as exc:    # e.g. OutOfResources (shared memory) for big tiles
+                print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            best = min(best, (t, cfg))
+        row.update(best_ms=best[0], best_cfg=best[1])
+    print(row, flush=True)
+    return [row]
+
+
 def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
                 step_counts=(16, 48)) -> tuple[list[dict], object]:
     sync = torch.cuda.synchronize if CUDA else (lambda: None)
@@ -322,6 +369,7 @@ def main(argv=None) -> int:
             rows += bench_qmatmul(TINY_SHAPES, 33, dtype, device, reps, args.sweep)
             rows += bench_moe(33, 2, 8, 256, 96, [("Q4_K", "Q5_0")], dtype, device, reps,
                               args.sweep)
+            rows += bench_vocab(33, 96, 1000, dtype, device, reps)
         else:
             rows += check_small_t(device, dtype)
             print_table(rows)
@@ -329,6 +377,7 @@ def main(argv=None) -> int:
             rows += bench_moe(256, 8, 128, 2816, 704, [("Q4_K", "Q5_0"), ("Q4_K", "Q8_0"),
                                                        ("Q8_0", "Q8_0")], dtype, device, reps,
                                args.sweep)
+            rows += bench_vocab(256, 2816, 262144, dtype, device, reps, args.sweep)
         print_table(rows)
     if not args.kernels_only:
         with tempfile.TemporaryDirectory() as tmp:
