@@ -20,7 +20,7 @@ import torch
 
 from .qtensor import QTensor
 
-ABI_VERSION = 1   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 2   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -70,7 +70,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_dequantize.argtypes = [ptr, i32, i64, ptr]
     lib.dn_qmatmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr]
     lib.dn_moe.argtypes = [ptr, i64, i64, ptr, i32, ptr, i32, i64, i64, ptr, ptr, i64, ptr]
-    for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe):
+    lib.dn_has_bf16.restype = i32
+    lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
+    lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
+    for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16):
         fn.restype = i32
     return lib
 
@@ -106,10 +109,19 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(qtype: str) -> bool:
-    """Whether ops should route `qtype` here. F32 weights are not: the torch path multiplies the
-    zero-copy view with the BLAS, which is faster than our kernel, and there is nothing to decode."""
-    return available() and qtype in QTYPE_IDS and qtype != "F32"
+def supports(qtype: str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ops should route `qtype` here for activations of `dtype`. F32 weights with fp32
+    activations are not: the torch path multiplies the zero-copy view with the BLAS, which is
+    faster than our kernel, and there is nothing to decode. With bf16 activations they are (the
+    torch path would convert the whole weight on every call)."""
+    return available() and qtype in QTYPE_IDS and (qtype != "F32" or dtype == torch.bfloat16)
+
+
+def has_bf16() -> bool:
+    """Whether the loaded library multiplies bf16 activations with bf16 dot products
+    (AVX512-BF16); without it bf16 calls are widened to the fp32 kernels."""
+    lib = _library()
+    return lib is not None and bool(lib.dn_has_bf16())
 
 
 def block_info(qtype: str) -> tuple[int, int]:
@@ -173,36 +185,45 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     return out.view(qt.shape)
 
 
-def qmatmul(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
-    """x [..., K] @ qt[N, K].T -> [..., N] in x.dtype; accumulates in fp32."""
+def _act(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """x as the kernels take it: bf16 stays bf16 (the *_bf16 entry points), anything else fp32."""
+    if x.dtype == torch.bfloat16:
+        return x.detach().contiguous(), "_bf16"
+    return _f32(x), ""
+
+
+def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ qt[N, K].T -> [..., N] in out_dtype (default x.dtype); accumulates in fp32.
+    bf16 x: products of bf16-rounded operands (see has_bf16)."""
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features, {qt.name or 'weight'} expects {K}")
-    raw, xf = _raw(qt), _f32(x.reshape(-1, K))            # xf [T, K]
-    y = torch.empty(xf.shape[0], N, dtype=torch.float32)  # [T, N]
-    _call("dn_qmatmul", xf.data_ptr(), xf.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
+    raw, (xk, kind) = _raw(qt), _act(x.reshape(-1, K))    # xk [T, K]
+    y = torch.empty(xk.shape[0], N, dtype=torch.float32)  # [T, N]
+    _call("dn_qmatmul" + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
           y.data_ptr())
-    return y.view(*x.shape[:-1], N).to(x.dtype)
+    return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
 
 
 def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
-        weights: torch.Tensor) -> torch.Tensor:
+        weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Routed experts, semantics of ops.moe_experts: x [T, K], gate_up [E, 2F, K], down [E, K, F],
-    ids / weights [T, A] -> [T, K] in x.dtype."""
+    ids / weights [T, A] -> [T, K] in out_dtype (default x.dtype). bf16 x: the expert input and
+    gelu(gate) * up are bf16 operands of the matmuls (fp32 accumulation, fp32 sum over experts)."""
     E, F2, K = gate_up.shape
     F = F2 // 2
     if tuple(down.shape) != (E, K, F) or x.shape[-1] != K or ids.shape != weights.shape \
             or ids.shape[0] != x.shape[0]:
         raise ValueError(f"moe: shapes x {list(x.shape)}, gate_up {list(gate_up.shape)}, "
                          f"down {list(down.shape)}, ids {list(ids.shape)} do not fit together")
-    xf = _f32(x)                                                      # [T, K]
+    xk, kind = _act(x)                                                # [T, K]
     idx = ids.detach().to(torch.int64).contiguous()                   # [T, A]
     w = _f32(weights)                                                 # [T, A]
-    out = torch.empty_like(xf)                                        # [T, K]
-    _call("dn_moe", xf.data_ptr(), xf.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
+    out = torch.empty(xk.shape, dtype=torch.float32)                  # [T, K]
+    _call("dn_moe" + kind, xk.data_ptr(), xk.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
           _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
           idx.shape[1], out.data_ptr())
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False,

@@ -48,7 +48,7 @@ def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
             return fused.qmatmul(x, w)
     if backend == "native":
         from . import native
-        if native.supports(w.qtype):
+        if native.supports(w.qtype, x.dtype):
             return native.qmatmul(x, w)
     return x @ dequantize(w, x.dtype, x.device).t()
 
@@ -68,7 +68,7 @@ def moe_experts(x: torch.Tensor, gate_up: QTensor | torch.Tensor, down: QTensor 
             return moe_triton(x, gate_up, down, ids, weights)
     if backend == "native" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
         from . import native
-        if native.supports(gate_up.qtype) and native.supports(down.qtype):
+        if native.supports(gate_up.qtype, x.dtype) and native.supports(down.qtype, x.dtype):
             return native.moe(x, gate_up, down, ids, weights)
     return moe_torch(x, gate_up, down, ids, weights)
 

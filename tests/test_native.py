@@ -4,7 +4,8 @@
   on random valid blocks;
 - qmatmul: against x @ W.T in float64 with W dequantized by gguf-py, for odd T and N (tail tiles)
   and K spanning several 256-wide slices or ending in a partial one;
-- moe: against ops.moe_torch on gguf-py-dequantized float64 weights, with idle experts.
+- moe: against ops.moe_torch on gguf-py-dequantized float64 weights, with idle experts;
+- the bf16 entry points (bf16 activations): against float64 products of the bf16-rounded operands.
 
 The library is built once per module into a temporary folder (cmake + a C++17 compiler), for
 this CPU (-march=native) and, on x86, also as the portable build (scalar fallback) and the AVX2
@@ -129,7 +130,58 @@ def test_qlinear_dispatches_to_native(native_backend):
     assert torch.equal(y, native.qmatmul(x, qt))
     yb = ops.qlinear(x.bfloat16(), qt)                                  # bf16 in, bf16 out
     assert yb.dtype == torch.bfloat16
-    torch.testing.assert_close(yb.float(), native.qmatmul(x.bfloat16().float(), qt), rtol=1e-2, atol=1e-2)
+    assert torch.equal(yb, native.qmatmul(x.bfloat16(), qt, out_dtype=torch.float32).bfloat16())
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    """What the bf16 kernels multiply: t rounded to bf16 (nearest even), where the library has bf16
+    dot products; elsewhere bf16 calls are widened to the fp32 kernels (weights unrounded)."""
+    return t.to(torch.bfloat16).double() if native.has_bf16() else t.double()
+
+
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q6_K", 512), ("Q8_0", 288), ("Q5_0", 96),
+                                     ("F32", 100), ("F16", 272), ("BF16", 64)])
+@pytest.mark.parametrize("T", [1, 13, 256])
+def test_qmatmul_bf16(lib, qtype, K, T):
+    """bf16 activations: the same products as a float64 matmul of the bf16-rounded operands, up to
+    fp32 accumulation (checked on the fp32 output, before any rounding of the result)."""
+    rng = np.random.default_rng(100 + T)
+    qt, ref = _weights(qtype, (37, K), rng)
+    x = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32)).bfloat16()
+    y = native.qmatmul(x, qt, out_dtype=torch.float32)
+    exact = x.double() @ _bf16(ref).T
+    bound = 1e-5 * (x.double().abs() @ ref.abs().T) + 1e-7
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), f"max error {err.max():.3e}"
+    assert torch.equal(native.qmatmul(x, qt), y.bfloat16())            # default: x's dtype
+
+
+@pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q6_K", 256), ("Q8_0", "Q5_0", 96)])
+def test_moe_bf16(native_backend, gu_type, dn_type, F):
+    """bf16 experts: x and gelu(gate) * up are bf16 operands, every sum fp32. The reference rounds
+    the same two operands; its float64 gate/up can round h the other way near a bf16 tie, so the
+    bound is relative to the output's norm."""
+    E, A, K, T = 8, 3, 256, 37
+    rng = np.random.default_rng(11)
+    gen = torch.Generator().manual_seed(11)
+    gu, gu_ref = _weights(gu_type, (E, 2 * F, K), rng)
+    dn, dn_ref = _weights(dn_type, (E, K, F), rng)
+    x = torch.randn(T, K, generator=gen).bfloat16()
+    ids, w = _routing(T, A, E, used=6, gen=gen)
+    y = native.moe(x, gu, dn, ids, w, out_dtype=torch.float32)
+    ref = torch.zeros(T, K, dtype=torch.float64)
+    for t in range(T):
+        for a in range(A):
+            e = int(ids[t, a])
+            g, u = (x[t].double() @ _bf16(gu_ref[e]).T).chunk(2)
+            h = torch.nn.functional.gelu(g, approximate="tanh") * u
+            h = h.bfloat16().double() if native.has_bf16() else h.float().bfloat16().double()
+            ref[t] += w[t, a].double() * (h @ _bf16(dn_ref[e]).T)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-3, f"relative error {err:.2e}"
+    assert ops.moe_experts(x, gu, dn, ids, w).dtype == torch.bfloat16  # dispatches here in bf16
+    assert torch.equal(ops.moe_experts(x, gu, dn, ids, w), y.bfloat16())
 
 
 def _routing(T, A, E, used, gen):
@@ -190,6 +242,7 @@ def test_bad_calls_raise(lib):
         native.qmatmul(torch.zeros(2, 64), short)
     assert native.supports("Q4_K") and not native.supports("IQ4_XS")
     assert not native.supports("F32")          # the BLAS on the zero-copy view is faster
+    assert native.supports("F32", torch.bfloat16)   # ... but bf16 would convert it on every call
     assert native.main(["frobnicate"]) == 2
 
 

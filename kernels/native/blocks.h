@@ -208,6 +208,15 @@ inline void dequant_q6_k(const uint8_t* b, float* y) {
     }
 }
 
+// float -> bf16 bits, rounded to nearest even as torch's .to(torch.bfloat16) (NaN stays NaN).
+inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 // Values [k0, k0+n) of one weight row starting at `row`. For block types k0 is a multiple of
 // the block size and so is n (rows are whole blocks); float types take any range.
 inline void dequant_range(int qtype, const uint8_t* row, int64_t k0, int64_t n, float* y) {

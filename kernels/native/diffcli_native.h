@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 1
+#define DN_ABI_VERSION 2
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -60,3 +60,13 @@ DN_API int dn_qmatmul(const float* x, int64_t T, int64_t K, const uint8_t* w, in
 DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
                   const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
                   const float* weights, int64_t A, float* out);
+
+// bf16 activations (raw bits), fp32 results. With dn_has_bf16() the products are of bf16-rounded
+// operands (the weights are decoded, then rounded to bf16) accumulated in fp32 (AVX512-BF16);
+// without it x is widened and the fp32 kernels run. K must be even.
+DN_API int dn_has_bf16(void);
+DN_API int dn_qmatmul_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype,
+                           int64_t N, float* y);
+DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                       const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                       const float* weights, int64_t A, float* out);

@@ -33,6 +33,12 @@ constexpr int NR = 16;   // two ymm per row: 12 accumulators + 2 weight vectors 
 constexpr int MR = 6;
 #endif
 constexpr int64_t KB = 256;
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define DN_BF16 1
+#else
+#define DN_BF16 0
+#endif
 constexpr int64_t TB = 512;
 
 int64_t row_bytes(int qtype, int64_t K) {
@@ -68,14 +74,15 @@ struct Scratch {
     Scratch& operator=(const Scratch&) = delete;
 };
 
-// rows [NR][KB] -> wt [kb][NR]
-void transpose_tile(const float* rows, int64_t kb, float* wt) {
+// rows [NR][stride] (first kb columns) -> wt [kb][NR]; 32-bit elements moved bit for bit, so the
+// bf16 path uses it on packed bf16 pairs too.
+void transpose_tile(const float* rows, int64_t kb, float* wt, int64_t stride = KB) {
     int64_t k = 0;
 #if DN_AVX2
     for (; k + 8 <= kb; k += 8) {
         for (int rb = 0; rb < NR; rb += 8) {
             __m256 r[8], t[8], s[8];
-            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (rb + i) * KB + k);
+            for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows + (rb + i) * stride + k);
             for (int i = 0; i < 8; i += 2) {
                 t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
                 t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -94,7 +101,7 @@ void transpose_tile(const float* rows, int64_t kb, float* wt) {
     }
 #endif
     for (; k < kb; ++k)
-        for (int r = 0; r < NR; ++r) wt[k * NR + r] = rows[r * KB + k];
+        for (int r = 0; r < NR; ++r) wt[k * NR + r] = rows[r * stride + k];
 }
 
 // acc[M][NR] (+)= xp[kb][MR] (first M columns) @ wt[kb][NR]
@@ -194,6 +201,93 @@ void tile(const float* xp, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, 
         memcpy(y + (t0 + t) * N + n0, s.acc + t * NR, (size_t)nr * sizeof(float));
 }
 
+#if DN_BF16
+// --- bf16 path: the same tiles, with products of bf16 pairs (vdpbf16ps, fp32 accumulation) ------
+// A "pair" is two bf16 values adjacent along K packed in 32 bits (low half first), so a K-slice
+// of kb values is kb/2 pairs. xp: panels [K/2][MR] of pairs; wt: [kb/2][NR] pairs. One
+// vdpbf16ps adds x[k]*w[k] + x[k+1]*w[k+1] to each of 16 fp32 lanes: twice the products of an
+// fp32 FMA per instruction, from half the bytes.
+
+// x rows [t0, t0+tb) of bf16 -> panels xp[panel][K/2][MR] of pairs.
+void pack_x_bf16(const uint16_t* x, int64_t K, int64_t t0, int64_t tb, uint32_t* xp) {
+    const int64_t panels = (tb + MR - 1) / MR, K2 = K / 2;
+#pragma omp parallel for schedule(static) if (tb * K > 65536)
+    for (int64_t p = 0; p < panels; ++p) {
+        const int m = (int)std::min<int64_t>(MR, tb - p * MR);
+        uint32_t* dst = xp + p * K2 * MR;
+        for (int r = 0; r < m; ++r) {
+            const uint16_t* src = x + (t0 + p * MR + r) * K;
+            for (int64_t k = 0; k < K2; ++k) memcpy(dst + k * MR + r, src + 2 * k, 4);
+        }
+    }
+}
+
+// n fp32 values (n even) -> n/2 pairs, rounded to nearest even.
+void to_pairs(const float* src, int64_t n, uint32_t* dst) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        _mm256_storeu_si256((__m256i*)(dst + k / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+    for (; k < n; k += 2)
+        dst[k / 2] = (uint32_t)f32_to_bf16(src[k]) | (uint32_t)f32_to_bf16(src[k + 1]) << 16;
+}
+
+// acc[M][NR] (+)= xp[kb2][MR] (first M columns) . wt[kb2][NR], pairwise.
+template <int M>
+void ukernel_bf16(int64_t kb2, const uint32_t* xp, const uint32_t* wt, float* acc, bool add) {
+    __m512 c0[M], c1[M];
+    for (int r = 0; r < M; ++r) {
+        c0[r] = add ? _mm512_load_ps(acc + r * NR) : _mm512_setzero_ps();
+        c1[r] = add ? _mm512_load_ps(acc + r * NR + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < kb2; ++k) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(wt + k * NR);
+        const __m512bh w1 = (__m512bh)_mm512_load_si512(wt + k * NR + 16);
+        for (int r = 0; r < M; ++r) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[k * MR + r]);
+            c0[r] = _mm512_dpbf16_ps(c0[r], xb, w0);
+            c1[r] = _mm512_dpbf16_ps(c1[r], xb, w1);
+        }
+    }
+    for (int r = 0; r < M; ++r) {
+        _mm512_store_ps(acc + r * NR, c0[r]);
+        _mm512_store_ps(acc + r * NR + 16, c1[r]);
+    }
+}
+
+template <int M>
+void ukernel_bf16_upto(int m, int64_t kb2, const uint32_t* xp, const uint32_t* wt, float* acc, bool add) {
+    if constexpr (M > 1) {
+        if (m < M) return ukernel_bf16_upto<M - 1>(m, kb2, xp, wt, acc, add);
+    }
+    ukernel_bf16<M>(kb2, xp, wt, acc, add);
+}
+
+// One tile of NR weight rows: each K-slice is dequantized to fp32 (s.rows), rounded to bf16
+// pairs (first half of s.wt), transposed to [kb/2][NR] (second half of s.wt).
+void tile_bf16(const uint32_t* xp, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, int64_t rb,
+               int qtype, int64_t n0, int64_t N, float* y, Scratch& s) {
+    const int nr = (int)std::min<int64_t>(NR, N - n0);
+    uint32_t* pairs = (uint32_t*)s.wt;                 // [NR][KB/2]
+    uint32_t* wt = pairs + NR * KB / 2;                // [KB/2][NR]
+    const int64_t K2 = K / 2;
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+        const int64_t kb = std::min(KB, K - k0), kb2 = kb / 2;
+        for (int r = 0; r < nr; ++r) {
+            dequant_range(qtype, w + (n0 + r) * rb, k0, kb, s.rows + r * KB);
+            to_pairs(s.rows + r * KB, kb, pairs + r * (KB / 2));
+        }
+        for (int r = nr; r < NR; ++r) memset(pairs + r * (KB / 2), 0, (size_t)kb2 * 4);
+        transpose_tile((const float*)pairs, kb2, (float*)wt, KB / 2);
+        for (int64_t t = 0; t < tb; t += MR) {
+            const int m = (int)std::min<int64_t>(MR, tb - t);
+            ukernel_bf16_upto<MR>(m, kb2, xp + t * K2 + k0 / 2 * MR, wt, s.acc + t * NR, k0 > 0);
+        }
+    }
+    for (int64_t t = 0; t < tb; ++t)
+        memcpy(y + (t0 + t) * N + n0, s.acc + t * NR, (size_t)nr * sizeof(float));
+}
+#endif  // DN_BF16
+
 }  // namespace
 
 int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y) {
@@ -215,7 +309,41 @@ int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int6
     return DN_OK;
 }
 
+int gemm_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y) {
+    if (block_info(qtype).elems == 0) return DN_E_QTYPE;
+    const int64_t rb = row_bytes(qtype, K);
+    if (T < 0 || N < 0 || K <= 0 || K % 2 || rb < 0) return DN_E_SHAPE;
+#if DN_BF16
+    const int64_t tiles = (N + NR - 1) / NR;
+    std::vector<uint32_t> xp((size_t)((std::min(T, TB) + MR - 1) / MR * MR * K / 2));
+    for (int64_t t0 = 0; t0 < T; t0 += TB) {
+        const int64_t tb = std::min(TB, T - t0);
+        pack_x_bf16(x, K, t0, tb, xp.data());
+#pragma omp parallel if (tiles > 1)
+        {
+            Scratch s(tb);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < tiles; ++i)
+                tile_bf16(xp.data(), t0, tb, K, w, rb, qtype, i * NR, N, y, s);
+        }
+    }
+    return DN_OK;
+#else
+    // No bf16 dot product on this build: widen x and use the fp32 kernel (weights unrounded).
+    std::vector<float> xf((size_t)(T * K));
+    for (int64_t i = 0; i < T * K; ++i) xf[i] = bf16_to_f32(x[i]);
+    return gemm(xf.data(), T, K, w, qtype, N, y);
+#endif
+}
+
 }  // namespace dn
+
+DN_API int dn_has_bf16(void) { return DN_BF16; }
+
+DN_API int dn_qmatmul_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype,
+                           int64_t N, float* y) {
+    return dn::gemm_bf16(x, T, K, w, qtype, N, y);
+}
 
 DN_API int dn_qmatmul(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N,
                       float* y) {

@@ -1,4 +1,5 @@
-// Routed experts on quantized expert tensors (dn_moe).
+// Routed experts on quantized expert tensors (dn_moe, and dn_moe_bf16 for bf16 activations:
+// the expert input and the gelu(gate)*up product are bf16, the matmuls accumulate in fp32).
 //
 // Legend: T tokens, K hidden, E experts, F expert width, A active experts per token, n tokens
 // routed to one expert.
@@ -26,11 +27,52 @@ inline float gelu_tanh(float v) {
     return 0.5f * v * (1.0f + tanhf(inner));
 }
 
-}  // namespace
+#if defined(__AVX512F__)
+// e^x for 16 lanes: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is exact to
+// fp32), e^r by its degree-6 Taylor polynomial (relative error < 2e-7 on that range), times 2^n
+// built in the exponent bits. Inputs are clamped to [-87, 87], where e^x is a normal float.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(87.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
 
-DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
-                  const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
-                  const float* weights, int64_t A, float* out) {
+// gelu_tanh(g) * u for 16 lanes, as g * sigmoid(2 inner) = g / (1 + e^(-2 inner)) (the same
+// function as 0.5 g (1 + tanh(inner))).
+inline __m512 gelu_mul16(__m512 g, __m512 u) {
+    const __m512 g3 = _mm512_mul_ps(_mm512_mul_ps(g, g), g);
+    const __m512 inner = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                       _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), g3, g));
+    const __m512 e = exp16(_mm512_mul_ps(inner, _mm512_set1_ps(-2.0f)));
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+#endif
+
+// Activations as the matmul takes them: fp32, or bf16 bits (rounded to nearest even).
+inline void put(float v, float* p) { *p = v; }
+inline void put(float v, uint16_t* p) { *p = dn::f32_to_bf16(v); }
+inline int gemm_x(const float* x, int64_t T, int64_t K, const uint8_t* w, int q, int64_t N, float* y) {
+    return dn::gemm(x, T, K, w, q, N, y);
+}
+inline int gemm_x(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int q, int64_t N, float* y) {
+    return dn::gemm_bf16(x, T, K, w, q, N, y);
+}
+
+template <typename X>
+int moe(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+        const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+        const float* weights, int64_t A, float* out) {
     if (dn::block_info(gu_qtype).elems == 0 || dn::block_info(down_qtype).elems == 0) return DN_E_QTYPE;
     const int64_t gu_row = dn::row_bytes(gu_qtype, K), down_row = dn::row_bytes(down_qtype, F);
     if (T < 0 || K <= 0 || E <= 0 || F <= 0 || A < 0 || gu_row < 0 || down_row < 0) return DN_E_SHAPE;
@@ -51,20 +93,32 @@ DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, 
     int64_t nmax = 0;
     for (int64_t e = 0; e < E; ++e) nmax = std::max(nmax, start[e + 1] - start[e]);
 
-    std::vector<float> xs(nmax * K), gu(nmax * 2 * F), h(nmax * F), ys(nmax * K);
+    std::vector<X> xs(nmax * K), h(nmax * F);
+    std::vector<float> gu(nmax * 2 * F), ys(nmax * K);
     memset(out, 0, (size_t)(T * K) * sizeof(float));
     for (int64_t e = 0; e < E; ++e) {
         const int64_t n = start[e + 1] - start[e], s0 = start[e];
         if (n == 0) continue;
-        for (int64_t i = 0; i < n; ++i) memcpy(&xs[i * K], x + tok[s0 + i] * K, (size_t)K * sizeof(float));
-        int rc = dn::gemm(xs.data(), n, K, gate_up + e * 2 * F * gu_row, gu_qtype, 2 * F, gu.data());
+        for (int64_t i = 0; i < n; ++i) memcpy(&xs[i * K], x + tok[s0 + i] * K, (size_t)K * sizeof(X));
+        int rc = gemm_x(xs.data(), n, K, gate_up + e * 2 * F * gu_row, gu_qtype, 2 * F, gu.data());
         if (rc) return rc;
-        for (int64_t i = 0; i < n; ++i)               // gu[i] = [gate | up]
-            for (int64_t j = 0; j < F; ++j)
-                h[i * F + j] = gelu_tanh(gu[i * 2 * F + j]) * gu[i * 2 * F + F + j];
-        rc = dn::gemm(h.data(), n, F, down + e * K * down_row, down_qtype, K, ys.data());
+#pragma omp parallel for schedule(static) if (n * F > 16384)
+        for (int64_t i = 0; i < n; ++i) {             // gu[i] = [gate | up]
+            const float* g = &gu[i * 2 * F];
+            int64_t j = 0;
+#if defined(__AVX512F__)
+            alignas(64) float v[16];
+            for (; j + 16 <= F; j += 16) {
+                _mm512_store_ps(v, gelu_mul16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(g + F + j)));
+                for (int l = 0; l < 16; ++l) put(v[l], &h[i * F + j + l]);
+            }
+#endif
+            for (; j < F; ++j) put(gelu_tanh(g[j]) * g[F + j], &h[i * F + j]);
+        }
+        rc = gemm_x(h.data(), n, F, down + e * K * down_row, down_qtype, K, ys.data());
         if (rc) return rc;
-        for (int64_t i = 0; i < n; ++i) {
+#pragma omp parallel for schedule(static) if (n * K > 16384)
+        for (int64_t i = 0; i < n; ++i) {             // tokens are distinct within an expert
             float* o = out + tok[s0 + i] * K;
             const float wv = wsel[s0 + i];
             const float* yv = &ys[i * K];
@@ -72,4 +126,18 @@ DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, 
         }
     }
     return DN_OK;
+}
+
+}  // namespace
+
+DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                  const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                  const float* weights, int64_t A, float* out) {
+    return moe(x, T, K, gate_up, gu_qtype, down, down_qtype, E, F, ids, weights, A, out);
+}
+
+DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                       const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                       const float* weights, int64_t A, float* out) {
+    return moe(x, T, K, gate_up, gu_qtype, down, down_qtype, E, F, ids, weights, A, out);
 }
