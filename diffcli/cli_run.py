@@ -145,8 +145,9 @@ def open_session(opts: RunOptions) -> Session:
     for note in opts.ignored_notes():
         log(note)
     model = load_model(opts, device)
+    dtype = str(model.dtype).removeprefix("torch.")
     log(f"diffcli: loaded {opts.model} ({cfg.n_layer} layers, vocab {len(tokenizer)}) on {device} "
-        f"in {time.perf_counter() - t0:.2f}s")
+        f"({dtype}) in {time.perf_counter() - t0:.2f}s")
     kv_cache = opts.diffusion_kv_cache != "off"
     if kv_cache and opts.conversation:
         model = PrefixCachedModel(model, checkpoint_id=tokenizer.token_to_id("<|turn>"))
@@ -215,9 +216,10 @@ def load_model(opts: RunOptions, device: str):
     if opts.threads > 0:
         import torch
         torch.set_num_threads(opts.threads)
-    model = load(opts.model, device=device, n_gpu_layers=opts.n_gpu_layers,
-                 n_cpu_moe=opts.n_cpu_moe or 0, override_tensor=tuple(opts.override_tensor),
-                 mmap=not opts.no_mmap)
+    from .backend import DTYPES
+    model = load(opts.model, device=device, dtype=DTYPES.get(opts.dtype),
+                 n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe or 0,
+                 override_tensor=tuple(opts.override_tensor), mmap=not opts.no_mmap)
     plan = getattr(model, "placement", None)
     if plan is not None and len({*plan.layers, plan.head, *plan.tensors.values()}) > 1:
         on_accel = sum(d == plan.accel for d in plan.layers)

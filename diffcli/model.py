@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .backend import default_dtype
 from .config import ModelConfig
 from .gguffile import open_gguf
 from .qtensor import QTensor
@@ -69,6 +70,13 @@ def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) 
     """RMSNorm in float32, eps inside the mean (spec §B.1); returns x's dtype. F.rms_norm is the
     same formula and a single fused kernel on GPU (a layer runs a dozen of these)."""
     return F.rms_norm(x.float(), x.shape[-1:], weight, eps).to(x.dtype)
+
+
+def softcap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in place on a float32 tensor. Written as 2cap * sigmoid(2x/cap) - cap
+    (the same function; within ~4e-6 of torch.tanh at cap 30): torch's CPU tanh is ~10x slower
+    than its sigmoid, and this runs on every [C, V] step."""
+    return logits.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -183,12 +191,13 @@ class DiffusionGemma:
             # the last W-1) and the whole canvas, whatever its own position.
             x = self._layer(lw, x, q, k_all, v_all, None, lw.dec_scale)
         x = rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps)
+        if E is None and self.cache_embedding:
+            E = self._dense_embedding()
         if E is not None:
             logits = (x.to(E.device, E.dtype) @ E.t()).to(self.device).float()   # [C, V]
         else:
             logits = self._lin(x, self.w.embed).float()
-        cap = self.config.final_logit_softcap
-        return cap * torch.tanh(logits / cap)
+        return softcap_(logits, self.config.final_logit_softcap)
 
     def denoise_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
                          sc_logits: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,9 +301,9 @@ class DiffusionGemma:
 
     # -- placement ----------------------------------------------------------------------------
     def dtype_on(self, device: torch.device) -> torch.dtype:
-        """Activation dtype on a device: as given to load(), else float32 on CPU, bf16 elsewhere."""
+        """Activation dtype on a device: as given to load(), else backend.default_dtype."""
         if device not in self.dtypes:
-            self.dtypes[device] = torch.float32 if device.type == "cpu" else torch.bfloat16
+            self.dtypes[device] = default_dtype(device)
         return self.dtypes[device]
 
     def _lin(self, x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
@@ -339,9 +348,12 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     default puts everything on `device`. Before anything is copied to a CUDA device, the bytes
     the placement needs there are checked against the free memory: a placement that cannot fit
     raises InputError naming one that does.
-    dtype: activation dtype everywhere; default float32 on CPU, bfloat16 elsewhere (per device).
-    cache_embedding: keep a dequantized copy of the tied embedding for self-conditioning
-    (see DiffusionGemma._dense_embedding); default True when the head is on an accelerator.
+    dtype: activation dtype everywhere; default per device (backend.default_dtype): bfloat16 on
+    accelerators and on CPUs with bf16 dot products, float32 on other CPUs. float32 on the CPU
+    reproduces transformers' fp32 logits to ~1e-5.
+    cache_embedding: keep a dequantized copy of the tied embedding for the head and
+    self-conditioning (see DiffusionGemma._dense_embedding); default True unless the head runs in
+    float32 on the CPU (where the copy would be 4 bytes per value).
     mmap: False (--no-mmap) copies the CPU-placed weights out of the file mapping into process
     memory at load time (the whole file is read once); True leaves them as views of the mapping.
     """
@@ -352,13 +364,12 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     validate(f, cfg)
     plan = plan_placement(f.tensor_names, cfg.n_layer, device, n_gpu_layers, n_cpu_moe or 0,
                           override_tensor or ())
-    act = {d: dtype or (torch.float32 if d.type == "cpu" else torch.bfloat16)
-           for d in {plan.head, *plan.layers, *plan.tensors.values()}}
+    act = {d: dtype or default_dtype(d) for d in {plan.head, *plan.layers, *plan.tensors.values()}}
     check_fits(f, cfg, plan, act, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe or 0,
                override_tensor=override_tensor or ())
     weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
     if cache_embedding is None:
-        cache_embedding = plan.head.type != "cpu"
+        cache_embedding = plan.head.type != "cpu" or act[plan.head] != torch.float32
     model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
                            plan.layers, act)
     model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer

@@ -59,6 +59,7 @@ class RunOptions:
     no_mmap: bool = False
     verbose: bool = False
     device: str = "auto"
+    dtype: str = "auto"
     # entropy-bound sampler: None = take the GGUF key, else the default (§C.1)
     diffusion_eb: str = "auto"
     diffusion_eb_max_steps: int | None = None
@@ -248,6 +249,10 @@ def click_options(f):
         # placement and resources
         click.option("--device", "-dev", "device", default="auto", show_default=True,
                      help="auto | cpu | cuda | cuda:N | mps (llama.cpp names like CUDA0 work)."),
+        click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto",
+                     show_default=True,
+                     help="Activation dtype: auto = bf16 on GPUs and on CPUs with bf16 dot products "
+                     "(AVX512-BF16/AMX), else f32; f32 reproduces transformers' fp32 logits."),
         click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=int, default=-1,
                      show_default=True,
                      help="Layers on the GPU, the last ones (-1 = all, 0 = CPU only); a placement "

@@ -283,8 +283,10 @@ def _count_encoder_tokens(monkeypatch) -> list[int]:
 def test_chat_multi_turn_reuses_the_prompt_cache(model_path, tok, tmp_path, monkeypatch):
     counts = _count_encoder_tokens(monkeypatch)
     trace = tmp_path / "chat.jsonl"
+    # float32: the reused cache was encoded in other chunks than a fresh prompt's, which only
+    # float32 reproduces to the last bit that an argmax near a tie may need
     res = run(["-m", model_path, "-cnv", *FAST, "-n", "16", "-sys", "Be brief.", "--json",
-               "--trace", trace], input="Why is the sky blue?\n\nAnd sunsets?\n")
+               "--trace", trace, "--dtype", "f32"], input="Why is the sky blue?\n\nAnd sunsets?\n")
     assert res.exit_code == 0, res.stderr
     replies = [json.loads(line) for line in res.stdout.splitlines()]
     assert len(replies) == 2                                   # empty line ignored
@@ -303,8 +305,8 @@ def test_chat_multi_turn_reuses_the_prompt_cache(model_path, tok, tmp_path, monk
     checkpoint = len(prompts[0]) - 1 - prompts[0][::-1].index(turn)
     assert sum(counts) == len(prompts[0]) + len(prompts[1]) - checkpoint
     # and the reply equals a fresh one-shot generation on the same prompt ids
-    ref = generate(diffcli.load(model_path), prompts[1], max_new_tokens=16, seed=0xFFFFFFFF,
-                   eog_ids=tok.eog_ids, sampler=diffcli.SamplerConfig(max_steps=2))
+    ref = generate(diffcli.load(model_path, dtype=torch.float32), prompts[1], max_new_tokens=16,
+                   seed=0xFFFFFFFF, eog_ids=tok.eog_ids, sampler=diffcli.SamplerConfig(max_steps=2))
     assert replies[1]["tokens"] == ref.tokens
 
 

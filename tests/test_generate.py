@@ -87,7 +87,7 @@ def diffcli_model(tmp_path_factory, hf_model):
     """diffcli's own model, loaded from an f32 GGUF converted from the oracle's weights."""
     from diffcli.testing import make_tiny_gguf
     path, hf2 = make_tiny_gguf(tmp_path_factory.mktemp("gen") / "tiny.gguf", outtype="f32", seed=0)
-    return diffcli.load(path, device="cpu"), hf2
+    return diffcli.load(path, device="cpu", dtype=torch.float32), hf2
 
 
 def hf_generate(hf, seed, **kw):

@@ -45,7 +45,7 @@ def backends():
 @pytest.fixture(scope="module", params=["h64", "h96"])
 def tiny(request, tmp_path_factory):
     path, hf = _tiny(tmp_path_factory, request.param)
-    return diffcli.load(path), hf.eval()
+    return diffcli.load(path, dtype=torch.float32), hf.eval()
 
 
 def _canvas(seed, n=16):
@@ -184,7 +184,7 @@ def test_quantized_file_matches_transformers(tmp_path_factory, backends, outtype
     """The HF model gets the weights exactly as the file stores them (dequantized by gguf-py),
     so our quantized path must match it as tightly as the float32 file does."""
     path, hf = _tiny(tmp_path_factory, "h64", outtype=outtype, seed=1, hidden_size=hidden)
-    model = diffcli.load(path)
+    model = diffcli.load(path, dtype=torch.float32)
     assert (model.w.layers[0].wq.qtype, model.w.embed.qtype) == types
     _load_file_weights_into(hf.eval(), path)
     steps, _ = _hf_run(hf, commits=1)
@@ -362,7 +362,7 @@ def test_cuda_matches_cpu(tmp_path, outtype, hidden):
     from diffcli.testing import make_random_gguf
     path = make_random_gguf(tmp_path / "r.gguf", {"hidden_size": hidden, "top_k_experts": 8},
                             outtype=outtype, seed=3)
-    want = _short_run(diffcli.load(path))
+    want = _short_run(diffcli.load(path, dtype=torch.float32))
     fp32 = _short_run(diffcli.load(path, device="cuda", dtype=torch.float32))
     bf16 = diffcli.load(path, device="cuda")
     assert bf16.dtype == torch.bfloat16
@@ -373,3 +373,44 @@ def test_cuda_matches_cpu(tmp_path, outtype, hidden):
         err16 = ((a - b16.cpu()).norm() / a.norm()).item()
         print(f"{outtype}: relative RMS error fp32 {err32:.2e}, bf16 {err16:.2e}")
         assert err32 <= 1e-3 and err16 <= 0.15, (err32, err16)
+
+
+@pytest.mark.parametrize("outtype,hidden", [("f32", 64), ("q8_0", 64), ("q4_k_m", 256)])
+def test_cpu_bf16_matches_fp32(tmp_path, backends, outtype, hidden):
+    """bfloat16 activations on the CPU (the default where the CPU has bf16 dot products) against
+    the float32 run, on both CPU backends: within bf16 noise, with the same bound and for the same
+    reason as test_cuda_matches_cpu. The head then uses a cached bf16 copy of the embedding."""
+    from diffcli.testing import make_random_gguf
+    path = make_random_gguf(tmp_path / "r.gguf", {"hidden_size": hidden, "top_k_experts": 8},
+                            outtype=outtype, seed=3)
+    want = _short_run(diffcli.load(path, dtype=torch.float32))
+    for b in backends:
+        set_backend(b)
+        model = diffcli.load(path, dtype=torch.bfloat16)
+        assert model.cache_embedding
+        for a, got in zip(want, _short_run(model)):
+            assert got.dtype == torch.float32 and torch.isfinite(got).all()
+            err = ((a - got).norm() / a.norm()).item()
+            print(f"{outtype} {b}: relative RMS error bf16 {err:.2e}")
+            assert err <= 0.15, (b, err)
+        assert model._embed_dense is not None and model._embed_dense.dtype == torch.bfloat16
+
+
+def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch):
+    from diffcli.backend import cpu_has_bf16, default_dtype
+    from diffcli.testing import make_random_gguf
+    path = make_random_gguf(tmp_path / "r.gguf", {"hidden_size": 64}, outtype="f32", seed=3)
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("DIFFCLI_DTYPE", raising=False)
+    want = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    assert default_dtype(cpu) == want and diffcli.load(path).dtype == want
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setenv("DIFFCLI_DTYPE", "f32")
+    model = diffcli.load(path)
+    assert model.dtype == torch.float32 and not model.cache_embedding
+    monkeypatch.setenv("DIFFCLI_DTYPE", "bf16")
+    assert diffcli.load(path).dtype == torch.bfloat16
+    assert diffcli.load(path, dtype=torch.float32).dtype == torch.float32   # explicit wins
+    monkeypatch.setenv("DIFFCLI_DTYPE", "f64")
+    with pytest.raises(ValueError, match="DIFFCLI_DTYPE"):
+        default_dtype(cpu)

@@ -285,8 +285,8 @@ def test_cli_passes_placement_flags(tiny, monkeypatch):
     monkeypatch.setattr(diffcli, "load", spy)
     result = run(["-m", tiny, "-p", "hi", "--device", "cpu", "--no-perf", "-n", "16",
                   "--diffusion-eb-max-steps", "2", "-ngl", "2", "--n-cpu-moe", "1",
-                  "-ot", "attn_q=CPU", "--no-mmap"])
+                  "-ot", "attn_q=CPU", "--no-mmap", "--dtype", "f32"])
     assert result.exit_code == 0, result.stderr
-    assert seen == dict(device="cpu", n_gpu_layers=2, n_cpu_moe=1, override_tensor=("attn_q=CPU",),
-                        mmap=False)
+    assert seen == dict(device="cpu", dtype=torch.float32, n_gpu_layers=2, n_cpu_moe=1,
+                        override_tensor=("attn_q=CPU",), mmap=False)
     assert "ignored" not in result.stderr
