@@ -5,9 +5,10 @@ canvas 256 by default), saves it, converts it to F32 / Q8_0 / Q4_K_M GGUF with d
 one decoder step over the canvas with a prompt in the cache and self-conditioning logits (every
 step after a canvas's first has them) in each contender:
 
-- transformers 5.23.0, eager fp32 (the oracle), from the saved checkpoint;
-- diffcli, torch path (dequantize, then matmul), per GGUF type;
-- diffcli, native path (kernels/native C++ library), per GGUF type.
+- transformers 5.23.0, eager fp32 (the oracle) and eager bf16, from the saved checkpoint;
+- diffcli, torch path (dequantize, then matmul), per GGUF type and activation dtype;
+- diffcli, native path (kernels/native C++ library), per GGUF type and activation dtype
+  (f32: fp32 FMAs; bf16: bf16 dot products with fp32 accumulation where the CPU has AVX512-BF16).
 
 Every contender runs in its own subprocess, so its peak RSS (VmHWM from /proc/self/status, or
 ru_maxrss) is its own. Each also saves its logits so the table can show max |logit difference|
@@ -18,7 +19,7 @@ the timed steps compute the same thing (with random weights the MoE router is ne
 
     python scripts/bench_cpu.py                  # table
     python scripts/bench_cpu.py --json           # one JSON object
-    python scripts/bench_cpu.py --steps 10 --threads 2 --types f32,q4_k_m
+    python scripts/bench_cpu.py --steps 10 --threads 2 --types f32,q4_k_m --dtypes bf16
 """
 from __future__ import annotations
 
@@ -79,13 +80,16 @@ def worker(a) -> dict:
     t0 = time.perf_counter()
     if a.worker == "transformers":
         from transformers import DiffusionGemmaForBlockDiffusion
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(a.model, attn_implementation="eager",
-                                                                dtype=torch.float32).eval()
+                                                                dtype=dtype).eval()
         with torch.inference_mode():
             out = model(input_ids=prompt[None], decoder_input_ids=canvas[None])
-        cache, sc = out.past_key_values, out.logits[0] / SC_TEMPERATURE
-        if a.sc:
+        cache, sc = out.past_key_values, out.logits[0].float() / SC_TEMPERATURE
+        if a.sc and a.dtype == "f32":
             np.save(a.sc, sc.numpy())
+        elif a.sc and Path(a.sc).is_file():
+            sc = torch.from_numpy(np.load(a.sc))
 
         def step():
             with torch.inference_mode():
@@ -100,7 +104,7 @@ def worker(a) -> dict:
         if a.worker == "native" and not native.available():
             return {"error": "native library not built (python -m diffcli.native build)"}
         set_backend(a.worker)
-        model = diffcli.load(a.model)
+        model = diffcli.load(a.model, dtype=torch.bfloat16 if a.dtype == "bf16" else torch.float32)
         cache = model.encode(prompt)
         sc = model.denoise(cache, canvas) / SC_TEMPERATURE
         if a.sc and Path(a.sc).is_file():
@@ -120,10 +124,10 @@ def worker(a) -> dict:
             **info}
 
 
-def run_contender(a, kind: str, model: Path, logits: Path, sc: Path) -> dict:
+def run_contender(a, kind: str, dtype: str, model: Path, logits: Path, sc: Path) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--model", str(model),
            "--logits", str(logits), "--sc", str(sc), "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--threads", str(a.threads), "--prompt-len", str(a.prompt_len)]
+           "--threads", str(a.threads), "--prompt-len", str(a.prompt_len), "--dtype", dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
     env.pop("DIFFCLI_BACKEND", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -162,11 +166,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=64, help="tokens in the cache")
     p.add_argument("--types", default="f32,q8_0,q4_k_m", help="GGUF types to convert to")
     p.add_argument("--backends", default="torch,native", help="diffcli backends to time")
+    p.add_argument("--dtypes", default="f32,bf16", help="activation dtypes to time (f32, bf16)")
     p.add_argument("--work", help="folder for the checkpoint and GGUFs (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--logits", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     p.add_argument("--sc", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -182,17 +188,20 @@ def main(argv=None) -> int:
     types = [t.strip().lower() for t in a.types.split(",") if t.strip()]
     hf_dir, ggufs = prepare(work, types, log)
     rows = []
-    ref = work / "logits-transformers-fp32.npy"
-    contenders = [("transformers", "fp32", hf_dir)] + [
-        (b, ot.upper(), path) for ot, path in ggufs.items() for b in a.backends.split(",")]
-    for kind, wtype, path in contenders:
+    ref = work / "logits-transformers-FP32-f32.npy"
+    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    contenders = [("transformers", "FP32", "f32", hf_dir)]
+    contenders += [("transformers", "BF16", "bf16", hf_dir)] if "bf16" in dtypes else []
+    contenders += [(b, ot.upper(), d, path) for d in dtypes for ot, path in ggufs.items()
+                   for b in a.backends.split(",")]
+    for kind, wtype, dtype, path in contenders:
         name = "transformers" if kind == "transformers" else f"diffcli {kind}"
-        log(f"timing {name} ({wtype}) ...")
-        logits = work / f"logits-{kind}-{wtype}.npy"
-        r = run_contender(a, kind, path, logits, work / "sc-logits.npy")
-        torch_logits = work / f"logits-torch-{wtype}.npy"
-        r.update(contender=name, weights=wtype,
-                 dlogit_vs_hf=None if kind == "transformers" else max_diff(logits, ref),
+        log(f"timing {name} ({wtype}, {dtype}) ...")
+        logits = work / f"logits-{kind}-{wtype}-{dtype}.npy"
+        r = run_contender(a, kind, dtype, path, logits, work / "sc-logits.npy")
+        torch_logits = work / f"logits-torch-{wtype}-{dtype}.npy"
+        r.update(contender=name, weights=wtype, dtype=dtype,
+                 dlogit_vs_hf=None if (kind, dtype) == ("transformers", "f32") else max_diff(logits, ref),
                  dlogit_vs_torch=max_diff(logits, torch_logits) if kind == "native" else None)
         rows.append(r)
     base = rows[0].get("ms_median")
@@ -207,14 +216,14 @@ def main(argv=None) -> int:
               f"self-conditioning on; {a.threads} threads; median of {a.steps} steps")
         print("max|dlogit|: against transformers, and (native rows) against the torch path on the same "
               "GGUF; all contenders get transformers' step-1 logits as self-conditioning input")
-        print(f"{'contender':<20}{'weights':<9}{'ms/step':>10}{'min':>9}{'x HF':>7}"
+        print(f"{'contender':<20}{'weights':<9}{'act':<6}{'ms/step':>10}{'min':>9}{'x HF':>7}"
               f"{'peak RSS MiB':>14}{'vs HF':>10}{'vs torch':>10}")
         for r in rows:
             if "error" in r:
-                print(f"{r['contender']:<20}{r['weights']:<9}  {r['error']}")
+                print(f"{r['contender']:<20}{r['weights']:<9}{r['dtype']:<6}  {r['error']}")
                 continue
             d1, d2 = ("" if r[k] is None else f"{r[k]:.1e}" for k in ("dlogit_vs_hf", "dlogit_vs_torch"))
-            print(f"{r['contender']:<20}{r['weights']:<9}{r['ms_median']:>10.1f}{r['ms_min']:>9.1f}"
+            print(f"{r['contender']:<20}{r['weights']:<9}{r['dtype']:<6}{r['ms_median']:>10.1f}{r['ms_min']:>9.1f}"
                   f"{r['speedup_vs_transformers']:>7.2f}{r['peak_rss_mib']:>14.0f}{d1:>10}{d2:>10}")
     if tmp is not None:
         tmp.cleanup()

@@ -17,6 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import diffcli
 from diffcli.backend import set_backend
@@ -414,3 +415,26 @@ def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch
     monkeypatch.setenv("DIFFCLI_DTYPE", "f64")
     with pytest.raises(ValueError, match="DIFFCLI_DTYPE"):
         default_dtype(cpu)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T,Nq,Nkv,D,L,masked", [(5, 4, 2, 256, 9, True), (7, 4, 1, 512, 7, False),
+                                                 (3, 2, 2, 256, 5, True), (6, 4, 2, 64, 8, True)])
+def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
+    """model.attention (batched matmuls on the CPU at D >= 256, SDPA below) against float64 SDPA
+    with grouped query heads and a mask; bf16 within the rounding of its operands and output."""
+    from diffcli.model import attention
+    gen = torch.Generator().manual_seed(T * D)
+    q = (torch.randn(T, Nq, D, generator=gen) * 0.1).to(dtype)
+    k = (torch.randn(Nkv, L, D, generator=gen) * 0.1).to(dtype)
+    v = torch.randn(Nkv, L, D, generator=gen).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(T, L, generator=gen) > 0.3
+        mask[:, 0] = True
+    got = attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1)[None].double(), k[None].double(),
+                                          v[None].double(), attn_mask=mask, scale=1.0,
+                                          enable_gqa=True)[0].transpose(0, 1).reshape(T, Nq * D)
+    assert got.dtype == dtype and got.shape == (T, Nq * D)
+    assert (got.double() - want).abs().max() <= tol
