@@ -20,7 +20,7 @@ import torch
 from .errors import InputError
 
 __all__ = [
-    "SamplerConfig", "temperature_at", "token_entropy", "entropy_bound_accept", "renoise",
+    "SamplerConfig", "temperature_at", "token_entropy", "sample", "entropy_bound_accept", "renoise",
     "is_stable", "should_stop", "trim_eos_pad", "trim_cli",
 ]
 
@@ -109,6 +109,25 @@ def token_entropy(logits: torch.Tensor, probs: torch.Tensor | None = None) -> to
     if probs is None:
         probs = torch.softmax(logits.float(), dim=-1)               # [C, V]
     return torch.special.entr(probs.float()).sum(dim=-1)            # [C]
+
+
+def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row of probs [C, V] -> [C]: the same tokens, and the same generator state
+    after, as `torch.multinomial(probs, 1, generator=gen)` (what transformers calls), faster on
+    the CPU.
+
+    torch draws a single sample per row by the exponential race: argmax(p / q) with
+    q = exponential_(1) per entry, where the CPU kernel makes q as float(-log1p(-u)) from one
+    float64 uniform u per entry, serially from the generator. Its per-entry scalar loop costs
+    ~120 ms for a 256 x 32k canvas on one core; drawing the same u with `uniform_` (the same
+    generator calls, in the same order) and transforming them with vectorized ops gives bit-equal
+    q in ~1/2 to 2/3 of the time (tests/test_sampler.py checks tokens and state against
+    torch.multinomial). Other devices keep torch.multinomial: their kernels differ."""
+    if probs.device.type != "cpu" or gen.device.type != "cpu" or probs.dtype != torch.float32:
+        return torch.multinomial(probs, 1, generator=gen).view(-1)
+    q = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=gen)   # [C, V]
+    q = q.neg_().log1p_().neg_().to(torch.float32)                               # Exp(1) draws
+    return torch.div(probs, q, out=q).argmax(dim=-1)                             # [C]
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:

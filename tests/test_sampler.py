@@ -226,3 +226,20 @@ def test_sampler_config_rejects_bad_values(kw):
 def test_sampler_config_rejects_unknown_setting():
     with pytest.raises(InputError, match="unknown sampler setting"):
         SamplerConfig.resolve(None, temperature=1.0)
+
+
+@pytest.mark.parametrize("C,V,scale", [(256, 4096, 3.0), (7, 1000, 0.1), (33, 300, 30.0), (1, 2, 1.0)])
+def test_sample_is_torch_multinomial(C, V, scale):
+    """sample() draws exactly torch.multinomial's tokens and leaves the generator where it would:
+    peaked and flat distributions, exact zeros included, over several seeds in a row."""
+    from diffcli.sampler import sample
+    data = torch.Generator().manual_seed(C * V)
+    mine, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for _ in range(4):
+        probs = torch.softmax(torch.randn(C, V, generator=data) * scale, dim=-1)
+        probs[:, : V // 3] = 0.0                      # impossible tokens must never be drawn
+        got = sample(probs, mine)
+        want = torch.multinomial(probs, 1, generator=theirs).view(C)
+        assert got.dtype == torch.long and torch.equal(got, want)
+        assert (got >= V // 3).all()
+        assert torch.equal(mine.get_state(), theirs.get_state())
