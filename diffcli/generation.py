@@ -171,16 +171,24 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
     stats.prefill_ms = _ms(t0)
     prefix = prompt                                                  # [P] for kv_cache=False
 
-    def denoise(canvas, sc_logits):
+    # The fused vocabulary head (model.denoise_fused) where the model has a Triton head: the
+    # step then returns the sampler's statistics and the next step's SC input (a VocabOut).
+    fused = bool(getattr(model, "use_fused_head", False))
+
+    def denoise(canvas, sc, temperature):
+        if fused:
+            if kv_cache:
+                return model.denoise_fused(cache, canvas, temperature, sc)
+            return model.denoise_fused_uncached(prefix, canvas, temperature, sc)
         if kv_cache:
-            return model.denoise(cache, canvas, sc_logits)
-        return model.denoise_uncached(prefix, canvas, sc_logits)
+            return model.denoise(cache, canvas, sc)
+        return model.denoise_uncached(prefix, canvas, sc)
 
     tokens: list[int] = []
     for index in range(n_canvases):
         t_canvas = time.perf_counter()
         argmax, n_steps = None, 0
-        for event in _denoise_canvas(denoise, sampler, C, V, gen, device, index):
+        for event in _denoise_canvas(denoise, sampler, C, V, gen, device, index, fused):
             if isinstance(event, StepEvent):
                 n_steps += 1
                 stats.step_ms += event.elapsed_ms
@@ -219,33 +227,50 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
 
 
 def _denoise_canvas(denoise, sampler: SamplerConfig, C: int, V: int, gen: torch.Generator,
-                    device: torch.device, index: int):
+                    device: torch.device, index: int, fused: bool = False):
     """Denoise one canvas from uniform noise (§C.2); yields a StepEvent per step, then the
-    argmax canvas of the last executed step (FIELD trap 3: the argmax, not the sampled canvas)."""
+    argmax canvas of the last executed step (FIELD trap 3: the argmax, not the sampled canvas).
+
+    `denoise(canvas, sc, temperature)` runs one step. Unfused it returns the softcapped logits
+    [C, V] and `sc` is the previous step's tempered logits; fused (`fused=True`) it returns the
+    fused head's VocabOut at this step's temperature (tempered logits, argmax, lse, entropy and
+    the soft embedding), and `sc` is the previous step's soft embedding. Either way the draws
+    are the same: one multinomial over softmax(logits / T), then one randint."""
     S = sampler.max_steps
     canvas = torch.randint(0, V, (C,), generator=gen, device=device)      # [C] uniform start
-    sc_logits = None            # self-conditioning is off on the first step of every canvas
+    sc = None                   # self-conditioning is off on the first step of every canvas
     history: deque[torch.Tensor] = deque(maxlen=max(sampler.stability, 1))
     argmax = canvas
     for k, remaining in enumerate(range(S, 0, -1)):
         t0 = time.perf_counter()
-        raw = denoise(canvas, sc_logits)                                   # [C, V] fp32
-        sc_logits = None        # consumed: free it before this step's [C, V] temporaries
         temperature = temperature_at(remaining, S, sampler.t_min, sampler.t_max)
-        logits = raw.float() / temperature                                 # [C, V] tempered
-        del raw
-        probs = torch.softmax(logits, dim=-1)                              # [C, V]
-        sampled = torch.multinomial(probs, 1, generator=gen).view(C)       # [C]
-        argmax = logits.argmax(dim=-1)                                     # [C]
-        entropy = token_entropy(logits, probs)                             # [C]
-        del probs
+        if fused:
+            out = denoise(canvas, sc, temperature)
+            sc = out.soft       # FIELD trap 5: softmax of this step's tempered logits, @ E
+            # softmax(logits / T) = exp(logits / T - lse), in place on the tempered logits
+            # (inference tensors of model.denoise_fused: in place only in inference mode)
+            with torch.inference_mode():
+                probs = out.logits.sub_(out.lse[:, None]).exp_()          # [C, V]
+            sampled = torch.multinomial(probs, 1, generator=gen).view(C)  # [C]
+            argmax, entropy = out.argmax, out.entropy                     # [C], [C]
+            del out, probs
+        else:
+            raw = denoise(canvas, sc, temperature)                         # [C, V] fp32
+            sc = None           # consumed: free it before this step's [C, V] temporaries
+            logits = raw.float() / temperature                             # [C, V] tempered
+            del raw
+            probs = torch.softmax(logits, dim=-1)                          # [C, V]
+            sampled = torch.multinomial(probs, 1, generator=gen).view(C)   # [C]
+            argmax = logits.argmax(dim=-1)                                 # [C]
+            entropy = token_entropy(logits, probs)                         # [C]
+            del probs
+            sc = logits         # FIELD trap 5: the next step sees this step's tempered logits
         accepted = entropy_bound_accept(entropy, sampler.entropy_bound)    # [C] bool
         noise = torch.randint(0, V, (C,), generator=gen, device=device)    # [C]
         canvas = renoise(sampled, accepted, noise)                         # [C]
         stable = is_stable(history, argmax, sampler.stability)
         history.append(argmax)
         stop = should_stop(stable, entropy, sampler.confidence)
-        sc_logits = logits     # FIELD trap 5: the next step sees this step's tempered logits
         accepted_cpu = accepted.cpu()
         yield StepEvent(canvas=index, step=k, steps=S, argmax=argmax.cpu(), accepted=accepted_cpu,
                         renoised=~accepted_cpu, entropy=entropy.cpu(), temperature=temperature,

@@ -4,6 +4,9 @@
   each layer's K/V to a KVCache.
 - `denoise` (the decoder): one step over the canvas, bidirectional, reading the cache and never
   writing it; adds self-conditioning from the previous step's tempered logits.
+- `denoise_fused`: the same step ending in the fused vocabulary head of kernels/vocab.py, which
+  also returns the sampler's statistics and the next step's self-conditioning input (used by
+  generation where `use_fused_head`: a Triton head).
 
 Both passes share every weight except the per-layer output scalar. How a layer differs from
 Gemma 4: attention scale 1.0; V = rms(K projection) without weight, and global layers have no
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
-from .backend import default_dtype, keep_freed_memory
+from .backend import (_triton_available, backend_for, default_dtype, keep_freed_memory,
+                      triton_interpret)
 from .config import ModelConfig
 from .gguffile import open_gguf
 from .qtensor import QTensor
@@ -122,6 +126,7 @@ class DiffusionGemma:
         self.dtypes.setdefault(device, dtype)
         self.cache_embedding = cache_embedding
         self.prefill_chunk = 1024
+        self.fused_head = True          # generation may use the fused head (see use_fused_head)
         self._embed_dense: torch.Tensor | None = None
         cfg = config
         # Inverse RoPE frequencies per layer type (pairs (j, j + D/2), rotate-half style).
@@ -188,20 +193,63 @@ class DiffusionGemma:
 
     @torch.inference_mode()
     def denoise(self, cache: KVCache, canvas_ids: torch.Tensor,
-                sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+                sc_logits: torch.Tensor | None = None, *,
+                sc_soft: torch.Tensor | None = None) -> torch.Tensor:
         """One denoising step: canvas ids [C] (+ previous step's tempered logits [C, V]) ->
-        softcapped float32 logits [C, V]. Reads the cache, never writes it."""
+        softcapped float32 logits [C, V]. Reads the cache, never writes it.
+
+        `sc_soft` [C, H] replaces `sc_logits` with the soft embedding already made from them,
+        softmax(sc_logits).to(E.dtype) @ E before the sqrt(H) scale (VocabOut.soft of the
+        previous step's fused head); the two are mutually exclusive."""
+        x, E = self._decode(cache, canvas_ids, sc_logits, sc_soft)
+        if E is None and self.cache_embedding:
+            E = self._dense_embedding()
+        if E is not None:
+            logits = (x.to(E.device, E.dtype) @ E.t()).to(self.device).float()   # [C, V]
+        else:
+            logits = self._lin(x, self.w.embed).float()
+        return softcap_(logits, self.config.final_logit_softcap)
+
+    @torch.inference_mode()
+    def denoise_fused(self, cache: KVCache, canvas_ids: torch.Tensor, temperature: float,
+                      sc_soft: torch.Tensor | None = None, *, tempered_logits: bool = True):
+        """`denoise` with the fused vocabulary head (kernels/vocab.py): one step, then in one go
+        the softcapped logits, their argmax, logsumexp and entropy at `temperature`, and the soft
+        embedding the next step's self-conditioning takes (`sc_soft`). Returns a VocabOut on the
+        head's device: logits [C, V] fp32 (divided by `temperature` when `tempered_logits`),
+        argmax/lse/entropy [C] of logits / temperature, soft [C, H] fp32 (where E lives).
+        Needs a Triton-capable head (`use_fused_head`)."""
+        from .kernels.vocab import VocabOut, vocab_head
+        x, E = self._decode(cache, canvas_ids, None, sc_soft)
+        if E is None:
+            E = self._dense_embedding()                                # [V, H]
+        out = vocab_head(x.to(E.device, E.dtype), E, self.config.final_logit_softcap,
+                         float(temperature), write_logits=True, tempered_logits=tempered_logits)
+        if E.device == self.device:
+            return out
+        move = lambda t: t.to(self.device)
+        return VocabOut(move(out.logits), move(out.argmax), move(out.lse), move(out.entropy),
+                        out.soft)
+
+    def _decode(self, cache: KVCache, canvas_ids: torch.Tensor, sc_logits: torch.Tensor | None,
+                sc_soft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder pass up to the head: the final normed hidden state [C, H] on the head's
+        device, and the dense embedding if self-conditioning already fetched it (else None)."""
+        if sc_logits is not None and sc_soft is not None:
+            raise ValueError("pass sc_logits or sc_soft, not both")
         ids = self._ids(canvas_ids)
         C, P, H = ids.numel(), cache.length, self.config.n_embd
         pos = torch.arange(P, P + C, device=self.device)                # [C]
         e = self.embed(ids) * math.sqrt(H)                             # [C, H]
         E = None
-        if sc_logits is None:
+        if sc_logits is None and sc_soft is None:
             x = rms(e, eps=self._eps)    # zero soft embedding -> the SC MLP outputs exactly zero
         else:
-            E = self._dense_embedding()                                # [V, H]
-            probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
-            soft = (probs.to(E.dtype) @ E).to(self.device, self.dtype) * math.sqrt(H)  # [C, H]
+            if sc_soft is None:
+                E = self._dense_embedding()                            # [V, H]
+                probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
+                sc_soft = probs.to(E.dtype) @ E                        # [C, H]
+            soft = sc_soft.to(self.device, self.dtype) * math.sqrt(H)  # [C, H]
             n = rms(soft, self.w.sc_pre_norm, self._eps)
             x = rms(e + self._mlp(n, self.w.sc_gate, self.w.sc_up, self.w.sc_down), eps=self._eps)
         where = _PerDevice(self._rope(pos), {})
@@ -213,20 +261,32 @@ class DiffusionGemma:
             # No mask: every canvas query sees every cached key of its layer (sliding layers hold
             # the last W-1) and the whole canvas, whatever its own position.
             x = self._layer(lw, x, q, k_all, v_all, None, lw.dec_scale)
-        x = rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps)
-        if E is None and self.cache_embedding:
-            E = self._dense_embedding()
-        if E is not None:
-            logits = (x.to(E.device, E.dtype) @ E.t()).to(self.device).float()   # [C, V]
-        else:
-            logits = self._lin(x, self.w.embed).float()
-        return softcap_(logits, self.config.final_logit_softcap)
+        return rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps), E
 
     def denoise_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
-                         sc_logits: torch.Tensor | None = None) -> torch.Tensor:
+                         sc_logits: torch.Tensor | None = None, *,
+                         sc_soft: torch.Tensor | None = None) -> torch.Tensor:
         """`--diffusion-kv-cache off`: re-encode the whole prefix, then one denoising step.
         Same logits as encode + denoise; costs a full prefix pass per step."""
-        return self.denoise(self.encode(prefix_ids), canvas_ids, sc_logits)
+        return self.denoise(self.encode(prefix_ids), canvas_ids, sc_logits, sc_soft=sc_soft)
+
+    def denoise_fused_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
+                               temperature: float, sc_soft: torch.Tensor | None = None, **kw):
+        """`denoise_fused` with the prefix re-encoded (as `denoise_uncached`)."""
+        return self.denoise_fused(self.encode(prefix_ids), canvas_ids, temperature, sc_soft, **kw)
+
+    @property
+    def use_fused_head(self) -> bool:
+        """Whether generation should run the fused vocabulary head (`denoise_fused`): allowed
+        (`fused_head`, default True) and the embedding, where the head runs, sits on a CUDA
+        device whose backend is triton, or on the CPU with the triton backend forced and
+        TRITON_INTERPRET=1 (the tests)."""
+        if not self.fused_head:
+            return False
+        dev = self.w.embed.device
+        if backend_for(dev.type) != "triton" or not _triton_available():
+            return False
+        return dev.type == "cuda" or (dev.type == "cpu" and triton_interpret())
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding rows [T, H] (unscaled), dequantizing only the rows asked for."""

@@ -17,7 +17,10 @@ Sections (each a table; --json/--csv write every row):
   counts E read twice (one read per pass).
 - model: load time, ms per denoising step (with self-conditioning), prefill tokens/s for a 4096-token
   prompt, tokens/s at a fixed 16 and 48 steps per canvas (confidence 0 so no canvas stops early;
-  256 emitted tokens per canvas), peak GPU memory.
+  256 emitted tokens per canvas), peak GPU memory. The `head` column says which vocabulary head
+  ran: "fused" (kernels/vocab.py via model.denoise_fused: what generation uses on CUDA with the
+  triton backend) or "unfused" (model.denoise's torch head, then the sampler's softmax); where
+  the fused head is on, the fused step and an "(unfused head)" generate row are added.
 - share: each kernel's share of one denoising step's GPU time (torch.profiler).
 
 Without CUDA the same code runs at tiny shapes (kernels under TRITON_INTERPRET=1, the model on the
@@ -285,21 +288,37 @@ def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
     ms_first = timeit(lambda: model.denoise(cache, canvas), reps)
     ms_sc = timeit(lambda: model.denoise(cache, canvas, sc), reps)
     rows.append(dict(section="model", name="denoise step (no self-cond)", value=ms_first,
-                     unit="ms"))
-    rows.append(dict(section="model", name="denoise step (self-cond)", value=ms_sc, unit="ms"))
+                     unit="ms", head="unfused"))
+    rows.append(dict(section="model", name="denoise step (self-cond)", value=ms_sc, unit="ms",
+                     head="unfused"))
+    fused = model.use_fused_head          # generation runs the fused vocabulary head when set
+    if fused:
+        soft = model.denoise_fused(cache, canvas, 0.8).soft
+        ms_fused = timeit(lambda: model.denoise_fused(cache, canvas, 0.8, soft), reps)
+        rows.append(dict(section="model", name="denoise step (self-cond, fused head)",
+                         value=ms_fused, unit="ms", head="fused"))
     diffcli.generate(model, prompt[:16], max_new_tokens=C, seed=0, mode="hf", eog_ids=[-1],
                      sampler=diffcli.SamplerConfig(max_steps=2, confidence=0.0))   # warm-up
     sync()
+    # generation with the head it picks by itself (fused where model.use_fused_head), and where
+    # that is the fused one, once more with the unfused torch head for comparison
     for S in step_counts:
-        sampler = diffcli.SamplerConfig(max_steps=S, confidence=0.0)
-        done = diffcli.generate(model, prompt[:256], max_new_tokens=C * canvases, sampler=sampler,
-                                seed=0, mode="hf", eog_ids=[-1])
-        st = done.stats
-        emitted = C * st.canvases              # fixed steps: every canvas emits C tokens
-        gen_ms = st.total_ms - st.prefill_ms
-        rows.append(dict(section="model", name=f"generate {S} steps/canvas",
-                         value=1e3 * emitted / gen_ms, unit="tok/s", steps=st.steps,
-                         ms_per_step=st.ms_per_step, commit_ms=st.commit_ms, canvases=st.canvases))
+        for head in (("fused", "unfused") if fused else ("unfused",)):
+            model.fused_head = head == "fused"
+            sampler = diffcli.SamplerConfig(max_steps=S, confidence=0.0)
+            try:
+                done = diffcli.generate(model, prompt[:256], max_new_tokens=C * canvases,
+                                        sampler=sampler, seed=0, mode="hf", eog_ids=[-1])
+            finally:
+                model.fused_head = True
+            st = done.stats
+            emitted = C * st.canvases              # fixed steps: every canvas emits C tokens
+            gen_ms = st.total_ms - st.prefill_ms
+            name = f"generate {S} steps/canvas" + (" (unfused head)" if fused and head ==
+                                                   "unfused" else "")
+            rows.append(dict(section="model", name=name, value=1e3 * emitted / gen_ms,
+                             unit="tok/s", head=head, steps=st.steps, ms_per_step=st.ms_per_step,
+                             commit_ms=st.commit_ms, canvases=st.canvases))
     if CUDA:
         rows.append(dict(section="model", name="peak GPU memory",
                          value=torch.cuda.max_memory_allocated() / 2**30, unit="GiB"))
