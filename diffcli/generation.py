@@ -10,7 +10,8 @@ committed canvases).
 
 RNG: one `torch.Generator` seeded with `seed`, drawn from in transformers' order (§C.2): per
 canvas one uniform `randint` for the starting canvas, then per step one `multinomial` over the
-tempered softmax followed by one `randint` for the renoise candidates. On CPU a generator seeded
+tempered softmax (`sampler.sample`: the draws of `torch.multinomial`, computed faster on CPU)
+followed by one `randint` for the renoise candidates. On CPU a generator seeded
 with s yields exactly the draws of `torch.manual_seed(s)`, so mode="hf" reproduces
 `model.generate` token for token, without touching the caller's global RNG.
 """
@@ -27,8 +28,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import InputError
-from .sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise, should_stop,
-                      temperature_at, token_entropy, trim_cli, trim_eos_pad)
+from .sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise, sample,
+                      should_stop, temperature_at, token_entropy, trim_cli, trim_eos_pad)
 
 __all__ = ["stream", "generate", "StepEvent", "CanvasEvent", "Done", "GenerationStats",
            "GenerationResult"]
@@ -251,7 +252,7 @@ def _denoise_canvas(denoise, sampler: SamplerConfig, C: int, V: int, gen: torch.
             # (inference tensors of model.denoise_fused: in place only in inference mode)
             with torch.inference_mode():
                 probs = out.logits.sub_(out.lse[:, None]).exp_()          # [C, V]
-            sampled = torch.multinomial(probs, 1, generator=gen).view(C)  # [C]
+            sampled = sample(probs, gen)                                    # [C] as multinomial
             argmax, entropy = out.argmax, out.entropy                     # [C], [C]
             del out, probs
         else:
@@ -260,7 +261,7 @@ def _denoise_canvas(denoise, sampler: SamplerConfig, C: int, V: int, gen: torch.
             logits = raw.float() / temperature                             # [C, V] tempered
             del raw
             probs = torch.softmax(logits, dim=-1)                          # [C, V]
-            sampled = torch.multinomial(probs, 1, generator=gen).view(C)   # [C]
+            sampled = sample(probs, gen)                                    # [C] as multinomial
             argmax = logits.argmax(dim=-1)                                 # [C]
             entropy = token_entropy(logits, probs)                         # [C]
             del probs
