@@ -71,6 +71,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_qmatmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr]
     lib.dn_moe.argtypes = [ptr, i64, i64, ptr, i32, ptr, i32, i64, i64, ptr, ptr, i64, ptr]
     lib.dn_has_bf16.restype = i32
+    lib.dn_sample.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.dn_sample.restype = i32
     lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16):
@@ -224,6 +226,44 @@ def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
           _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
           idx.shape[1], out.data_ptr())
     return out.to(out_dtype or x.dtype)
+
+
+def _state_layout_ok() -> bool:
+    """dn_sample reads torch's CPU generator state bytes (MT19937 words, left, next) at fixed
+    offsets; check once that this torch lays them out so and that the draws agree."""
+    global _layout_checked
+    if _layout_checked is None:
+        probs = torch.rand(3, 37, generator=torch.Generator().manual_seed(1))
+        ours, theirs = torch.Generator().manual_seed(99), torch.Generator().manual_seed(99)
+        try:
+            ok = all(torch.equal(_sample(probs, ours), torch.multinomial(probs, 1, generator=theirs).view(-1))
+                     and torch.equal(ours.get_state(), theirs.get_state()) for _ in range(300))
+        except (ValueError, RuntimeError):
+            ok = False
+        _layout_checked = ok
+    return _layout_checked
+
+
+_layout_checked: bool | None = None
+
+
+def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    state = gen.get_state().clone()
+    if state.numel() < 24 + 624 * 8:
+        raise ValueError("unexpected torch generator state size")
+    p = probs.detach().to(torch.float32).contiguous()
+    out = torch.empty(p.shape[0], dtype=torch.int64)
+    _call("dn_sample", p.data_ptr(), p.shape[0], p.shape[1], state.data_ptr(), out.data_ptr())
+    gen.set_state(state)
+    return out
+
+
+def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    """torch.multinomial(probs [C, V], 1, generator=gen).view(C) with the native generator replica
+    (same tokens, same generator state after), or None when the library or the check says no."""
+    if not available() or probs.dim() != 2 or gen.device.type != "cpu" or not _state_layout_ok():
+        return None
+    return _sample(probs, gen)
 
 
 def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False,

@@ -121,10 +121,16 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     float64 uniform u per entry, serially from the generator. Its per-entry scalar loop costs
     ~120 ms for a 256 x 32k canvas on one core; drawing the same u with `uniform_` (the same
     generator calls, in the same order) and transforming them with vectorized ops gives bit-equal
-    q in ~1/2 to 2/3 of the time (tests/test_sampler.py checks tokens and state against
-    torch.multinomial). Other devices keep torch.multinomial: their kernels differ."""
+    q in ~1/2 to 2/3 of the time; the native library (native.sample) runs the generator itself
+    and the rest in parallel, faster still (tests/test_sampler.py and tests/test_native.py check
+    tokens and state against torch.multinomial). Other devices keep torch.multinomial: their
+    kernels differ."""
     if probs.device.type != "cpu" or gen.device.type != "cpu" or probs.dtype != torch.float32:
         return torch.multinomial(probs, 1, generator=gen).view(-1)
+    from . import native
+    drawn = native.sample(probs, gen)          # the same race in C++, generator included
+    if drawn is not None:
+        return drawn
     q = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=gen)   # [C, V]
     q = q.neg_().log1p_().neg_().to(torch.float32)                               # Exp(1) draws
     return torch.div(probs, q, out=q).argmax(dim=-1)                             # [C]

@@ -253,3 +253,20 @@ def test_ops_dequantize_uses_native_bit_exact(native_backend):
     assert got.shape == (8, 512) and got.dtype == torch.float32
     assert torch.equal(got.view(torch.int32), ref.float().view(torch.int32))
     assert ops.dequantize(qt, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("C,V,scale", [(256, 4096, 3.0), (5, 700, 30.0), (1, 3, 0.5)])
+def test_sample_is_torch_multinomial(lib, C, V, scale):
+    """dn_sample runs torch's CPU generator itself: the same tokens as torch.multinomial and the
+    same generator state after, over several draws in a row (the generator state crosses many
+    MT19937 regenerations), with zero-probability entries that must never be drawn."""
+    assert native._state_layout_ok()
+    data = torch.Generator().manual_seed(C + V)
+    ours, theirs = torch.Generator().manual_seed(C), torch.Generator().manual_seed(C)
+    for _ in range(3):
+        probs = torch.softmax(torch.randn(C, V, generator=data) * scale, dim=-1)
+        probs[:, ::3] = 0.0
+        got = native.sample(probs, ours)
+        assert torch.equal(got, torch.multinomial(probs, 1, generator=theirs).view(C))
+        assert (got % 3 != 0).all()
+        assert torch.equal(ours.get_state(), theirs.get_state())

@@ -70,3 +70,7 @@ DN_API int dn_qmatmul_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_
 DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
                        const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
                        const float* weights, int64_t A, float* out);
+
+// out[c] = torch.multinomial(probs, 1, generator)[c] for probs [C, V] (rows need not sum to 1),
+// drawing from and advancing the CPU generator whose Generator.get_state() bytes are given.
+DN_API int dn_sample(const float* probs, int64_t C, int64_t V, uint8_t* torch_state, int64_t* out);
