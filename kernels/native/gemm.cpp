@@ -290,22 +290,33 @@ void tile_bf16(const uint32_t* xp, int64_t t0, int64_t tb, int64_t K, const uint
 
 }  // namespace
 
-int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y) {
-    if (block_info(qtype).elems == 0) return DN_E_QTYPE;
-    const int64_t rb = row_bytes(qtype, K);
-    if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
+// The pass/tile loop both precisions share: x packed TB rows at a time (`pack(t0, tb, xp)`,
+// `per_row` packed elements a row), then tiles of NR weight rows spread over the threads
+// (`run(xp, t0, tb, n0, scratch)`).
+template <typename Packed, typename Pack, typename Run>
+void passes(int64_t T, int64_t N, int64_t per_row, Pack pack, Run run) {
     const int64_t tiles = (N + NR - 1) / NR;
-    std::vector<float> xp((size_t)((std::min(T, TB) + MR - 1) / MR * MR * K));
+    std::vector<Packed> xp((size_t)((std::min(T, TB) + MR - 1) / MR * MR * per_row));
     for (int64_t t0 = 0; t0 < T; t0 += TB) {
         const int64_t tb = std::min(TB, T - t0);
-        pack_x(x, K, t0, tb, xp.data());
+        pack(t0, tb, xp.data());
 #pragma omp parallel if (tiles > 1)
         {
             Scratch s(tb);
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < tiles; ++i) tile(xp.data(), t0, tb, K, w, rb, qtype, i * NR, N, y, s);
+            for (int64_t i = 0; i < tiles; ++i) run(xp.data(), t0, tb, i * NR, s);
         }
     }
+}
+
+int gemm(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N, float* y) {
+    if (block_info(qtype).elems == 0) return DN_E_QTYPE;
+    const int64_t rb = row_bytes(qtype, K);
+    if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
+    passes<float>(T, N, K, [&](int64_t t0, int64_t tb, float* xp) { pack_x(x, K, t0, tb, xp); },
+                  [&](const float* xp, int64_t t0, int64_t tb, int64_t n0, Scratch& s) {
+                      tile(xp, t0, tb, K, w, rb, qtype, n0, N, y, s);
+                  });
     return DN_OK;
 }
 
@@ -314,19 +325,11 @@ int gemm_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qty
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || K % 2 || rb < 0) return DN_E_SHAPE;
 #if DN_BF16
-    const int64_t tiles = (N + NR - 1) / NR;
-    std::vector<uint32_t> xp((size_t)((std::min(T, TB) + MR - 1) / MR * MR * K / 2));
-    for (int64_t t0 = 0; t0 < T; t0 += TB) {
-        const int64_t tb = std::min(TB, T - t0);
-        pack_x_bf16(x, K, t0, tb, xp.data());
-#pragma omp parallel if (tiles > 1)
-        {
-            Scratch s(tb);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < tiles; ++i)
-                tile_bf16(xp.data(), t0, tb, K, w, rb, qtype, i * NR, N, y, s);
-        }
-    }
+    passes<uint32_t>(T, N, K / 2,
+                     [&](int64_t t0, int64_t tb, uint32_t* xp) { pack_x_bf16(x, K, t0, tb, xp); },
+                     [&](const uint32_t* xp, int64_t t0, int64_t tb, int64_t n0, Scratch& s) {
+                         tile_bf16(xp, t0, tb, K, w, rb, qtype, n0, N, y, s);
+                     });
     return DN_OK;
 #else
     // No bf16 dot product on this build: widen x and use the fp32 kernel (weights unrounded).
