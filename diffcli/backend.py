@@ -16,6 +16,8 @@ import sys
 
 import torch
 
+from .errors import InputError
+
 BACKENDS = ("triton", "native", "torch")
 _forced: str | None = None
 
@@ -48,7 +50,8 @@ def backend_for(device_type: str) -> str:
     want = _forced or os.environ.get("DIFFCLI_BACKEND") or None
     if want is not None:
         if want not in BACKENDS:
-            raise ValueError(f"DIFFCLI_BACKEND={want!r}: choose one of {', '.join(BACKENDS)}")
+            raise InputError(f"DIFFCLI_BACKEND={want!r} is not a backend",
+                             fix=f"set it to one of {', '.join(BACKENDS)}, or unset it")
         if want == "triton" and device_type == "cpu" and not triton_interpret():
             return "torch"   # Triton needs a GPU unless the interpreter is on
         return want
@@ -94,7 +97,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
     want = os.environ.get("DIFFCLI_DTYPE", "").lower()
     if want and want != "auto":
         if want not in DTYPES:
-            raise ValueError(f"DIFFCLI_DTYPE={want!r}: choose auto or one of {', '.join(DTYPES)}")
+            raise InputError(f"DIFFCLI_DTYPE={want!r} is not an activation dtype",
+                             fix=f"set it to auto or one of {', '.join(DTYPES)}, or unset it")
         return DTYPES[want]
     if device.type != "cpu":
         return torch.bfloat16

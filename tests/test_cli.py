@@ -221,6 +221,21 @@ def test_bad_input_one_line_exit_2(model_path, tmp_path, args, needle):
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
+@pytest.mark.parametrize("var,value", [("DIFFCLI_DTYPE", "f64"), ("DIFFCLI_BACKEND", "cuda-fast")])
+def test_bad_environment_one_line_exit_2(model_path, monkeypatch, var, value):
+    from diffcli.backend import backend_for
+    monkeypatch.setenv(var, value)
+    backend_for.cache_clear()
+    try:
+        res = run(["-m", model_path, "-p", "x", *FAST])
+    finally:
+        backend_for.cache_clear()
+    assert res.exit_code == 2, (res.stdout, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("diffcli: error:")]
+    assert len(errors) == 1 and f"{var}={value!r}" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
 def test_runtime_error_exit_1_and_verbose_traceback(model_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("kernel exploded")

@@ -413,7 +413,7 @@ def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch
     assert diffcli.load(path).dtype == torch.bfloat16
     assert diffcli.load(path, dtype=torch.float32).dtype == torch.float32   # explicit wins
     monkeypatch.setenv("DIFFCLI_DTYPE", "f64")
-    with pytest.raises(ValueError, match="DIFFCLI_DTYPE"):
+    with pytest.raises(InputError, match="DIFFCLI_DTYPE"):
         default_dtype(cpu)
 
 
