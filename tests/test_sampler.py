@@ -228,11 +228,16 @@ def test_sampler_config_rejects_unknown_setting():
         SamplerConfig.resolve(None, temperature=1.0)
 
 
+@pytest.mark.parametrize("path", ["default", "torch"])
 @pytest.mark.parametrize("C,V,scale", [(256, 4096, 3.0), (7, 1000, 0.1), (33, 300, 30.0), (1, 2, 1.0)])
-def test_sample_is_torch_multinomial(C, V, scale):
+def test_sample_is_torch_multinomial(C, V, scale, path, monkeypatch):
     """sample() draws exactly torch.multinomial's tokens and leaves the generator where it would:
-    peaked and flat distributions, exact zeros included, over several seeds in a row."""
+    peaked and flat distributions, exact zeros included, over several seeds in a row; both with
+    the native library where it is built ("default") and on the torch-only path."""
+    from diffcli import native
     from diffcli.sampler import sample
+    if path == "torch":
+        monkeypatch.setattr(native, "sample", lambda probs, gen: None)
     data = torch.Generator().manual_seed(C * V)
     mine, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(4):
