@@ -5,8 +5,8 @@ E experts (128), K hidden (2816), F expert width (704), BM pairs per tile, BN ou
 
     out[t] = sum_a weights[t, a] * down_e(gelu_tanh(gate_e(x_t)) * up_e(x_t)),  e = ids[t, a]
 
-The pairs are sorted by expert on the device (argsort + bincount + cumsum + searchsorted, no host
-sync), so each tile of BM sorted pairs belongs to one expert and every expert's weights are decoded
+The pairs are sorted by expert on the device (argsort + searchsorted + cumsum, no host sync, so a
+step can be captured in a CUDA graph), so each tile of BM sorted pairs belongs to one expert and every expert's weights are decoded
 once per tile straight from the quantized bytes (qmatmul.decode_tile). Two launches:
 
 1. gate/up: h[p] = gelu_tanh(x_t @ gate_e.T) * (x_t @ up_e.T), both halves of the fused
@@ -114,8 +114,9 @@ def route(ids: torch.Tensor, E: int, BM: int):
     flat = ids.reshape(-1).to(torch.int64)
     P = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
-    seg_start = torch.cumsum(counts, 0) - counts
+    # expert boundaries in the sorted ids; not bincount, whose CUDA kernel reads max(ids) on the host
+    bounds = torch.searchsorted(flat[order], torch.arange(E + 1, device=ids.device))   # [E + 1]
+    seg_start, counts = bounds[:-1], bounds[1:] - bounds[:-1]
     tiles = (counts + BM - 1) // BM
     tile_end = torch.cumsum(tiles, 0)
     max_tiles = triton.cdiv(P, BM) + E

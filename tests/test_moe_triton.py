@@ -68,6 +68,8 @@ def test_route_tiles_cover_every_pair_once():
     gen = torch.Generator().manual_seed(2)
     ids, _ = _routing(19, 4, 16, 9, gen)
     order, counts, seg_start, tile_start, tile_expert, n_tiles = route(ids, 16, 16)
+    assert torch.equal(counts, torch.bincount(ids.reshape(-1), minlength=16))
+    assert torch.equal(seg_start, torch.cumsum(counts, 0) - counts)
     seen = []
     for pid in range(n_tiles):
         e = int(tile_expert[pid])
