@@ -220,6 +220,8 @@ def load_model(opts: RunOptions, device: str):
     model = load(opts.model, device=device, dtype=DTYPES.get(opts.dtype),
                  n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe or 0,
                  override_tensor=tuple(opts.override_tensor), mmap=not opts.no_mmap)
+    if opts.no_cuda_graphs:
+        model.cuda_graphs = False
     plan = getattr(model, "placement", None)
     if plan is not None and len({*plan.layers, plan.head, *plan.tensors.values()}) > 1:
         on_accel = sum(d == plan.accel for d in plan.layers)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import graphs, ops
 from .backend import (_triton_available, backend_for, default_dtype, keep_freed_memory,
                       triton_interpret)
 from .config import ModelConfig
@@ -127,6 +127,8 @@ class DiffusionGemma:
         self.cache_embedding = cache_embedding
         self.prefill_chunk = 1024
         self.fused_head = True          # generation may use the fused head (see use_fused_head)
+        self.cuda_graphs = graphs.enabled_by_env()   # replay the step as a graph (graphs.py)
+        self._step_graph: graphs.StepGraph | None = None
         self._embed_dense: torch.Tensor | None = None
         cfg = config
         # Inverse RoPE frequencies per layer type (pairs (j, j + D/2), rotate-half style).
@@ -160,6 +162,8 @@ class DiffusionGemma:
 
         Long inputs run in chunks of `prefill_chunk` tokens: the encoder is causal, so this is
         exact, and it bounds the attention scores and MoE activations of a long prompt."""
+        if self._step_graph is not None:
+            self._step_graph.drop()     # its cache is stale now: free the graph's memory early
         for chunk in self._ids(block_ids).split(self.prefill_chunk):
             self._encode_chunk(cache, chunk)
         return cache
@@ -234,21 +238,32 @@ class DiffusionGemma:
     def _decode(self, cache: KVCache, canvas_ids: torch.Tensor, sc_logits: torch.Tensor | None,
                 sc_soft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decoder pass up to the head: the final normed hidden state [C, H] on the head's
-        device, and the dense embedding if self-conditioning already fetched it (else None)."""
+        device, and the dense embedding if self-conditioning already fetched it (else None).
+        Steps with self-conditioning replay a CUDA graph where `step_graph` allows one."""
         if sc_logits is not None and sc_soft is not None:
             raise ValueError("pass sc_logits or sc_soft, not both")
         ids = self._ids(canvas_ids)
+        E = None
+        if sc_logits is not None:
+            E = self._dense_embedding()                                # [V, H]
+            probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
+            sc_soft = probs.to(E.dtype) @ E                            # [C, H]
+        graph = self.step_graph if sc_soft is not None else None
+        if graph is not None:
+            return graph(cache, ids, sc_soft), E
+        return self._decode_body(cache, ids, sc_soft), E
+
+    def _decode_body(self, cache: KVCache, ids: torch.Tensor,
+                     sc_soft: torch.Tensor | None) -> torch.Tensor:
+        """`_decode` from checked device ids [C] and the soft embedding [C, H] (or None): the
+        part a CUDA graph captures, so nothing in it may wait for the host (no .item(), no
+        data-dependent shapes; tests/test_graphs.py checks the ops it dispatches)."""
         C, P, H = ids.numel(), cache.length, self.config.n_embd
         pos = torch.arange(P, P + C, device=self.device)                # [C]
         e = self.embed(ids) * math.sqrt(H)                             # [C, H]
-        E = None
-        if sc_logits is None and sc_soft is None:
+        if sc_soft is None:
             x = rms(e, eps=self._eps)    # zero soft embedding -> the SC MLP outputs exactly zero
         else:
-            if sc_soft is None:
-                E = self._dense_embedding()                            # [V, H]
-                probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
-                sc_soft = probs.to(E.dtype) @ E                        # [C, H]
             soft = sc_soft.to(self.device, self.dtype) * math.sqrt(H)  # [C, H]
             n = rms(soft, self.w.sc_pre_norm, self._eps)
             x = rms(e + self._mlp(n, self.w.sc_gate, self.w.sc_up, self.w.sc_down), eps=self._eps)
@@ -261,7 +276,28 @@ class DiffusionGemma:
             # No mask: every canvas query sees every cached key of its layer (sliding layers hold
             # the last W-1) and the whole canvas, whatever its own position.
             x = self._layer(lw, x, q, k_all, v_all, None, lw.dec_scale)
-        return rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps), E
+        return rms(x.to(self.device, self.dtype), self.w.output_norm, self._eps)
+
+    @property
+    def step_graph(self) -> graphs.StepGraph | None:
+        """The CUDA-graph runner of `_decode_body`, or None where steps run eagerly: graphs off
+        (`cuda_graphs`, DIFFCLI_CUDA_GRAPHS=0), or not every weight and layer on one CUDA device
+        with the Triton backend (the torch/native paths and split placements wait on the host)."""
+        if not self.cuda_graphs:
+            return None
+        if self._step_graph is None:
+            if not self._graphable():
+                return None
+            self._step_graph = graphs.StepGraph(self._decode_body,
+                                                graphs.CudaCapture(self.device))
+        return self._step_graph
+
+    def _graphable(self) -> bool:
+        dev = self.device
+        if dev.type != "cuda" or backend_for("cuda") != "triton" or not _triton_available():
+            return False
+        return all(d == dev for d in self.layer_devices) and \
+            all(t.device == dev for _, t in self.w.tensors())
 
     def denoise_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
                          sc_logits: torch.Tensor | None = None, *,

@@ -60,6 +60,7 @@ class RunOptions:
     verbose: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    no_cuda_graphs: bool = False
     # entropy-bound sampler: None = take the GGUF key, else the default (§C.1)
     diffusion_eb: str = "auto"
     diffusion_eb_max_steps: int | None = None
@@ -253,6 +254,9 @@ def click_options(f):
                      show_default=True,
                      help="Activation dtype: auto = bf16 on GPUs and on CPUs with bf16 dot products "
                      "(AVX512-BF16/AMX), else f32; f32 reproduces transformers' fp32 logits."),
+        click.option("--no-cuda-graphs", is_flag=True,
+                     help="Run every denoising step eagerly instead of replaying a CUDA graph "
+                     "(as DIFFCLI_CUDA_GRAPHS=0)."),
         click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=int, default=-1,
                      show_default=True,
                      help="Layers on the GPU, the last ones (-1 = all, 0 = CPU only); a placement "

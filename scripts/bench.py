@@ -20,7 +20,9 @@ Sections (each a table; --json/--csv write every row):
   256 emitted tokens per canvas), peak GPU memory. The `head` column says which vocabulary head
   ran: "fused" (kernels/vocab.py via model.denoise_fused: what generation uses on CUDA with the
   triton backend) or "unfused" (model.denoise's torch head, then the sampler's softmax); where
-  the fused head is on, the fused step and an "(unfused head)" generate row are added.
+  the fused head is on, the fused step and an "(unfused head)" generate row are added. The
+  `graphs` column says whether self-conditioned steps replayed a CUDA graph (diffcli/graphs.py);
+  where graphs are possible, steps and generation are also timed with them off.
 - share: each kernel's share of one denoising step's GPU time (torch.profiler).
 
 Without CUDA the same code runs at tiny shapes (kernels under TRITON_INTERPRET=1, the model on the
@@ -286,39 +288,52 @@ def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
     canvas = torch.randint(5, V, (C,), generator=gen)
     sc = model.denoise(cache, canvas)                             # first step: no self-cond
     ms_first = timeit(lambda: model.denoise(cache, canvas), reps)
-    ms_sc = timeit(lambda: model.denoise(cache, canvas, sc), reps)
     rows.append(dict(section="model", name="denoise step (no self-cond)", value=ms_first,
-                     unit="ms", head="unfused"))
-    rows.append(dict(section="model", name="denoise step (self-cond)", value=ms_sc, unit="ms",
-                     head="unfused"))
+                     unit="ms", head="unfused", graphs="off"))
+    # self-conditioned steps replay a CUDA graph where model.step_graph allows one: timed with
+    # graphs off and on, side by side (the first graphed calls warm up and capture)
+    graphable = model.step_graph is not None
     fused = model.use_fused_head          # generation runs the fused vocabulary head when set
-    if fused:
-        soft = model.denoise_fused(cache, canvas, 0.8).soft
-        ms_fused = timeit(lambda: model.denoise_fused(cache, canvas, 0.8, soft), reps)
-        rows.append(dict(section="model", name="denoise step (self-cond, fused head)",
-                         value=ms_fused, unit="ms", head="fused"))
+    soft = model.denoise_fused(cache, canvas, 0.8).soft if fused else None
+    for graphs in (("off", "on") if graphable else ("off",)):
+        model.cuda_graphs = graphs == "on"
+        ms_sc = timeit(lambda: model.denoise(cache, canvas, sc), reps)
+        rows.append(dict(section="model", name="denoise step (self-cond)", value=ms_sc,
+                         unit="ms", head="unfused", graphs=graphs))
+        if fused:
+            ms_fused = timeit(lambda: model.denoise_fused(cache, canvas, 0.8, soft), reps)
+            rows.append(dict(section="model", name="denoise step (self-cond, fused head)",
+                             value=ms_fused, unit="ms", head="fused", graphs=graphs))
+    model.cuda_graphs = True
     diffcli.generate(model, prompt[:16], max_new_tokens=C, seed=0, mode="hf", eog_ids=[-1],
                      sampler=diffcli.SamplerConfig(max_steps=2, confidence=0.0))   # warm-up
     sync()
-    # generation with the head it picks by itself (fused where model.use_fused_head), and where
-    # that is the fused one, once more with the unfused torch head for comparison
+    # generation as it runs by default (fused head where model.use_fused_head, CUDA graphs where
+    # model.step_graph), then with graphs off, then with the unfused torch head, for ratios
+    variants = [("fused" if fused else "unfused", "on" if graphable else "off")]
+    if graphable:
+        variants.append((variants[0][0], "off"))
+    if fused:
+        variants.append(("unfused", variants[0][1]))
     for S in step_counts:
-        for head in (("fused", "unfused") if fused else ("unfused",)):
-            model.fused_head = head == "fused"
+        for head, graphs in variants:
+            model.fused_head, model.cuda_graphs = head == "fused", graphs == "on"
             sampler = diffcli.SamplerConfig(max_steps=S, confidence=0.0)
             try:
                 done = diffcli.generate(model, prompt[:256], max_new_tokens=C * canvases,
                                         sampler=sampler, seed=0, mode="hf", eog_ids=[-1])
             finally:
-                model.fused_head = True
+                model.fused_head = model.cuda_graphs = True
             st = done.stats
             emitted = C * st.canvases              # fixed steps: every canvas emits C tokens
             gen_ms = st.total_ms - st.prefill_ms
-            name = f"generate {S} steps/canvas" + (" (unfused head)" if fused and head ==
-                                                   "unfused" else "")
+            name = f"generate {S} steps/canvas"
+            if (head, graphs) != variants[0]:
+                name += f" ({head} head, graphs {graphs})"
             rows.append(dict(section="model", name=name, value=1e3 * emitted / gen_ms,
-                             unit="tok/s", head=head, steps=st.steps, ms_per_step=st.ms_per_step,
-                             commit_ms=st.commit_ms, canvases=st.canvases))
+                             unit="tok/s", head=head, graphs=graphs, steps=st.steps,
+                             ms_per_step=st.ms_per_step, commit_ms=st.commit_ms,
+                             canvases=st.canvases))
     if CUDA:
         rows.append(dict(section="model", name="peak GPU memory",
                          value=torch.cuda.max_memory_allocated() / 2**30, unit="GiB"))
@@ -328,6 +343,7 @@ def bench_model(path: str, device, prompt_len: int, canvases: int, reps: int,
 def step_share(state, top: int = 12) -> list[dict]:
     """GPU time per kernel over one self-conditioned denoising step."""
     model, cache, canvas, sc = state
+    model.cuda_graphs = False       # eager: every kernel launched on its own, as profiled before
     from torch.profiler import ProfilerActivity, profile
     model.denoise(cache, canvas, sc)
     torch.cuda.synchronize()
