@@ -221,6 +221,31 @@ def bench_moe(T, A, E, K, F, types, dtype, device, reps: int, sweep: bool = Fals
     return rows
 
 
+def bench_attention(T: int, Nq: int, L: int, layers, dtype, device, reps: int) -> list[dict]:
+    """model.attention's SDPA with grouped KV heads passed as they are (enable_gqa) and with the
+    KV heads expanded to the query heads (what model.attention does on CUDA above head dim 256),
+    per (head dim, KV heads) of `layers`; errors against a float32 math-kernel reference."""
+    from diffcli.model import sdpa
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(4)
+    for D, Nkv in layers:
+        q = (torch.randn(T, Nq, D, device=device, generator=gen) * 0.05).to(dtype)
+        k = (torch.randn(Nkv, L, D, device=device, generator=gen) * 0.05).to(dtype)
+        v = torch.randn(Nkv, L, D, device=device, generator=gen).to(dtype)
+        ref = sdpa(q.float(), k.float(), v.float(), None, expand_kv=True)
+        for expand in (False, True):
+            out = sdpa(q, k, v, None, expand_kv=expand)
+            amax, rel = errors(out, ref)
+            rows.append(dict(section="kernel", name="attention " + ("expanded kv" if expand
+                                                                    else "enable_gqa"),
+                             qtype=str(dtype).replace("torch.", ""),
+                             shape=f"T={T} Nq={Nq} Nkv={Nkv} D={D} L={L}", max_abs_err=amax,
+                             rel_err=rel, fused_ms=timeit(lambda: sdpa(q, k, v, None,
+                                                                       expand_kv=expand), reps)))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def bench_vocab(C: int, H: int, V: int, dtype, device, reps: int, sweep: bool = False,
                 tau: float = 0.8, cap: float = 30.0) -> list[dict]:
     """Fused vocabulary head vs the unfused torch sequence (matmul, .float(), softcap, /tau,
@@ -405,6 +430,7 @@ def main(argv=None) -> int:
             rows += bench_moe(33, 2, 8, 256, 96, [("Q4_K", "Q5_0")], dtype, device, reps,
                               args.sweep)
             rows += bench_vocab(33, 96, 1000, dtype, device, reps)
+            rows += bench_attention(33, 4, 40, [(16, 2), (32, 1)], dtype, device, reps)
         else:
             rows += check_small_t(device, dtype)
             print_table(rows)
@@ -413,6 +439,9 @@ def main(argv=None) -> int:
                                                        ("Q8_0", "Q8_0")], dtype, device, reps,
                                args.sweep)
             rows += bench_vocab(256, 2816, 262144, dtype, device, reps, args.sweep)
+            # sliding (D 256, 8 KV heads) and global (D 512, 2 KV heads) layers, a 4k prompt
+            rows += bench_attention(256, 16, 4096 + 256, [(256, 8), (512, 2)], dtype, device,
+                                    reps)
         print_table(rows)
     if not args.kernels_only:
         with tempfile.TemporaryDirectory() as tmp:

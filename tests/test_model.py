@@ -438,3 +438,8 @@ def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
                                           enable_gqa=True)[0].transpose(0, 1).reshape(T, Nq * D)
     assert got.dtype == dtype and got.shape == (T, Nq * D)
     assert (got.double() - want).abs().max() <= tol
+    # the CUDA path at D > 256: KV heads expanded to the query heads (head h reads KV h // G)
+    from diffcli.model import sdpa
+    expanded = sdpa(q, k, v, mask, expand_kv=True)
+    assert expanded.dtype == dtype and expanded.shape == (T, Nq * D)
+    assert (expanded.double() - want).abs().max() <= tol
