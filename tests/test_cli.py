@@ -260,6 +260,21 @@ def test_accepted_flags_are_logged_not_fatal(model_path):
     assert "n-cpu-moe=2" in err or "n_cpu_moe" not in err
 
 
+def test_no_cuda_graphs_switches_the_model_off(model_path, monkeypatch):
+    seen = []
+    real = diffcli.stream
+
+    def spy(model, *a, **k):
+        seen.append(model.cuda_graphs)
+        return real(model, *a, **k)
+    monkeypatch.setattr(diffcli, "stream", spy)
+    on = run(["-m", model_path, "-p", "x", *FAST, "--json"])
+    off = run(["-m", model_path, "-p", "x", *FAST, "--json", "--no-cuda-graphs"])
+    assert on.exit_code == off.exit_code == 0, off.stderr
+    assert seen == [True, False]
+    assert json.loads(on.stdout)["tokens"] == json.loads(off.stdout)["tokens"]
+
+
 def test_kv_cache_off_gives_the_same_canvas(model_path):
     on = json.loads(run(["-m", model_path, "-p", "x", *FAST, "--json"]).stdout)
     off = json.loads(run(["-m", model_path, "-p", "x", *FAST, "--json", "--diffusion-kv-cache", "off"]).stdout)
