@@ -14,12 +14,15 @@ vocabulary head and the sampler (the temperature changes every step and is a ker
 prefill and commits.
 
 Rules:
-- a variant (shapes and dtypes of the inputs) first runs once eagerly on the capture stream, so
-  Triton compiles its kernels and libraries set up their per-stream state outside any capture;
 - a graph belongs to the cache it read: its length and the identity of every K/V tensor (a
   KVCache replaces tensors, it never writes them in place). Any change drops the graph and its
   memory pool. A live graph keeps those tensors referenced, so their memory cannot be reused
   under it;
+- a graph is captured the second time a step reads the same cache; the first step on a cache runs
+  eagerly. So a cache read once (`--diffusion-kv-cache off` re-encodes the prefix every step)
+  never pays for a capture, and the first eager run of a variant (shapes and dtypes) happens on
+  the capture stream, so Triton compiles its kernels and libraries set up their per-stream state
+  outside any capture;
 - a capture that fails (an op that waits for the host, a driver without graph support) turns
   graphs off for this model with one line on stderr; steps then run eagerly, with the same
   results.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,6 +95,7 @@ class StepGraph:
         self.warn = warn or (lambda msg: print(msg, file=sys.stderr))
         self.error: str | None = None
         self.live: _Live | None = None
+        self.seen: tuple | None = None      # (sig, weak refs to the K/V) of the last eager call
         self.warm: set = set()
         self.replays = self.captures = self.eager = 0
 
@@ -104,12 +109,8 @@ class StepGraph:
         live = self.live
         if live is None or live.sig != sig or any(a is not b for a, b in zip(live.kv, kv)):
             self.drop()
-            variant = sig[1:]
-            if variant not in self.warm:
-                self.eager += 1
-                out = self.capture.run(lambda: self.body(cache, ids, soft))
-                self.warm.add(variant)
-                return out
+            if not self._seen_before(sig, kv):
+                return self._eager(cache, ids, soft, sig, kv)
             live = self._build(cache, ids, soft, sig, kv)
             if live is None:
                 self.eager += 1
@@ -124,7 +125,24 @@ class StepGraph:
         """Forget the live graph (its memory returns to the allocator)."""
         self.live = None
 
+    def _seen_before(self, sig, kv) -> bool:
+        if self.seen is None or self.seen[0] != sig or sig[1:] not in self.warm:
+            return False
+        return all(ref() is t for ref, t in zip(self.seen[1], kv))
+
+    def _eager(self, cache, ids, soft, sig, kv) -> torch.Tensor:
+        # weak references: a cache read once is not kept alive by the runner
+        self.seen = (sig, tuple(weakref.ref(t) for t in kv))
+        self.eager += 1
+        variant = sig[1:]
+        if variant in self.warm:
+            return self.body(cache, ids, soft)
+        out = self.capture.run(lambda: self.body(cache, ids, soft))
+        self.warm.add(variant)
+        return out
+
     def _build(self, cache, ids, soft, sig, kv) -> _Live | None:
+        self.seen = None
         # The graph reads the cache as it is now: a snapshot of its tensor lists (tensors shared).
         snapshot = cache.copy()
         s_ids, s_soft = ids.clone(), soft.clone()

@@ -108,9 +108,19 @@ def test_generate_same_tokens_with_graph_replays(model):
         assert torch.equal(a.argmax, b.argmax) and torch.equal(a.accepted, b.accepted)
         assert torch.equal(a.entropy, b.entropy)
     # 5 steps x 3 canvases: step 1 of each canvas has no self-conditioning (not the runner's);
-    # canvas 0 warms up at step 2 and captures at step 3; later canvases capture at step 2
-    assert (runner.eager, runner.captures, runner.replays) == (1, 3, 3 + 4 + 4)
+    # step 2 is the first on the canvas's cache (eager), step 3 captures, every step replays
+    assert (runner.eager, runner.captures, runner.replays) == (3, 3, 3 * 3)
     assert runner.error is None
+
+
+def test_a_cache_read_once_is_never_captured(model):
+    """--diffusion-kv-cache off re-encodes the prefix every step: a new cache each time, so
+    every step runs eagerly and nothing is captured (a capture would be pure cost)."""
+    eager = _run(model, None, kv_cache=False, canvases=2)
+    runner = graphs.StepGraph(model._decode_body, GraphLike())
+    got = _run(model, runner, kv_cache=False, canvases=2)
+    assert got[-1].tokens == eager[-1].tokens
+    assert (runner.eager, runner.captures, runner.replays) == (2 * 4, 0, 0)
 
 
 class _NoDrop(graphs.StepGraph):
@@ -283,4 +293,4 @@ def test_fused_head_steps_use_the_runner(model):
     finally:
         set_backend(None)
     assert got[-1].tokens == eager[-1].tokens
-    assert runner.captures == 2 and runner.replays == 3 + 4
+    assert (runner.eager, runner.captures, runner.replays) == (2, 2, 2 * 3)
