@@ -146,6 +146,8 @@ def open_session(opts: RunOptions) -> Session:
         log(note)
     model = load_model(opts, device)
     dtype = str(model.dtype).removeprefix("torch.")
+    if model.step_graph is not None:
+        dtype += ", CUDA graphs"
     log(f"diffcli: loaded {opts.model} ({cfg.n_layer} layers, vocab {len(tokenizer)}) on {device} "
         f"({dtype}) in {time.perf_counter() - t0:.2f}s")
     kv_cache = opts.diffusion_kv_cache != "off"
