@@ -60,7 +60,7 @@ class CudaCapture:
         """fn() eagerly on the capture stream (the warm-up), its result ready on the current one."""
         main = torch.cuda.current_stream(self.stream.device)
         self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.device(self.stream.device), torch.cuda.stream(self.stream):
             out = fn()
         main.wait_stream(self.stream)
         out.record_stream(main)     # freed later: not reused before the current stream is done
@@ -69,7 +69,7 @@ class CudaCapture:
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
         """Record fn() into a graph (nothing runs yet). Returns (replay, output tensor)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        with torch.cuda.device(self.stream.device), torch.cuda.graph(graph, stream=self.stream):
             out = fn()
         return graph.replay, out    # the bound method keeps the graph (and its pool) alive
 
