@@ -71,7 +71,12 @@ class CudaCapture:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.device(self.stream.device), torch.cuda.graph(graph, stream=self.stream):
             out = fn()
-        return graph.replay, out    # the bound method keeps the graph (and its pool) alive
+        device = self.stream.device
+
+        def replay():               # on the device's current stream, where the inputs were copied
+            with torch.cuda.device(device):
+                graph.replay()
+        return replay, out          # the closure keeps the graph (and its pool) alive
 
 
 @dataclass
