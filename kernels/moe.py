@@ -6,8 +6,9 @@ E experts (128), K hidden (2816), F expert width (704), BM pairs per tile, BN ou
     out[t] = sum_a weights[t, a] * down_e(gelu_tanh(gate_e(x_t)) * up_e(x_t)),  e = ids[t, a]
 
 The pairs are sorted by expert on the device (argsort + searchsorted + cumsum, no host sync, so a
-step can be captured in a CUDA graph), so each tile of BM sorted pairs belongs to one expert and every expert's weights are decoded
-once per tile straight from the quantized bytes (qmatmul.decode_tile). Two launches:
+step can be captured in a CUDA graph), so each tile of BM sorted pairs belongs to one expert and
+every expert's weights are decoded once per tile straight from the quantized bytes
+(qmatmul.decode_tile). Two launches:
 
 1. gate/up: h[p] = gelu_tanh(x_t @ gate_e.T) * (x_t @ up_e.T), both halves of the fused
    [2F, K] expert tensor in one program, the GELU product in the epilogue; h is [P, F] in x.dtype.
