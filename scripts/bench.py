@@ -222,10 +222,10 @@ def bench_moe(T, A, E, K, F, types, dtype, device, reps: int, sweep: bool = Fals
 
 
 def bench_attention(T: int, Nq: int, L: int, layers, dtype, device, reps: int) -> list[dict]:
-    """model.attention's SDPA with grouped KV heads passed as they are (enable_gqa) and with the
-    KV heads expanded to the query heads (what model.attention does on CUDA above head dim 256),
+    """layers.attention's SDPA with grouped KV heads passed as they are (enable_gqa) and with the
+    KV heads expanded to the query heads (what layers.attention does on CUDA above head dim 256),
     per (head dim, KV heads) of `layers`; errors against a float32 math-kernel reference."""
-    from diffcli.model import sdpa
+    from diffcli.layers import sdpa
     rows = []
     gen = torch.Generator(device=device).manual_seed(4)
     for D, Nkv in layers:

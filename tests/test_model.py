@@ -421,9 +421,9 @@ def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch
 @pytest.mark.parametrize("T,Nq,Nkv,D,L,masked", [(5, 4, 2, 256, 9, True), (7, 4, 1, 512, 7, False),
                                                  (3, 2, 2, 256, 5, True), (6, 4, 2, 64, 8, True)])
 def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
-    """model.attention (batched matmuls on the CPU at D >= 256, SDPA below) against float64 SDPA
+    """layers.attention (batched matmuls on the CPU at D >= 256, SDPA below) against float64 SDPA
     with grouped query heads and a mask; bf16 within the rounding of its operands and output."""
-    from diffcli.model import attention
+    from diffcli.layers import attention
     gen = torch.Generator().manual_seed(T * D)
     q = (torch.randn(T, Nq, D, generator=gen) * 0.1).to(dtype)
     k = (torch.randn(Nkv, L, D, generator=gen) * 0.1).to(dtype)
@@ -439,7 +439,7 @@ def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
     assert got.dtype == dtype and got.shape == (T, Nq * D)
     assert (got.double() - want).abs().max() <= tol
     # the CUDA path at D > 256: KV heads expanded to the query heads (head h reads KV h // G)
-    from diffcli.model import sdpa
+    from diffcli.layers import sdpa
     expanded = sdpa(q, k, v, mask, expand_kv=True)
     assert expanded.dtype == dtype and expanded.shape == (T, Nq * D)
     assert (expanded.double() - want).abs().max() <= tol

@@ -1,0 +1,68 @@
+"""The model's functional building blocks: RMSNorm, attention (scale 1.0, grouped KV heads), the
+logit softcap and the rotate-half RoPE helper. Stateless; diffcli.model composes them into the
+encoder and decoder passes.
+
+Legend: T queries, L keys, Nq query heads, Nkv KV heads, D head dim, G = Nq / Nkv.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm in float32, eps inside the mean (spec §B.1); returns x's dtype. F.rms_norm is the
+    same formula and a single fused kernel on GPU (a layer runs a dozen of these)."""
+    return F.rms_norm(x.float(), x.shape[-1:], weight, eps).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention with scale 1.0: q [T, Nq, D], k/v [Nkv, L, D] (query head h reads KV head
+    h // (Nq/Nkv)), mask [T, L] (True = may attend) or None -> [T, Nq*D].
+
+    SDPA, except on the CPU at head dims >= 256 (the real model's 256 and 512), where torch's CPU
+    flash kernel is 1.1-2.8x slower than two batched matmuls around a float32 softmax (measured
+    at T=256, L=1279..2304); the group's query heads are stacked so each KV head is read once.
+    On CUDA at head dims > 256 (the global layers' 512) the KV heads are expanded to the query
+    heads first: SDPA's fused kernels do not take grouped heads above 256, and with
+    `enable_gqa` it silently falls back to its math kernel (float32 GEMMs and a materialised
+    score matrix), as transformers found for Gemma 4 (huggingface/transformers#46960)."""
+    T, Nq, D = q.shape
+    if q.device.type != "cpu" or D < 256:
+        return sdpa(q, k, v, mask, expand_kv=q.device.type == "cuda" and D > 256)
+    Nkv, L = k.shape[0], k.shape[1]
+    G = Nq // Nkv
+    s = torch.bmm(q.transpose(0, 1).reshape(Nkv, G * T, D), k.transpose(1, 2)).float()  # [Nkv, G*T, L]
+    if mask is not None:
+        s.view(Nkv, G, T, L).masked_fill_(~mask, float("-inf"))
+    a = torch.bmm(torch.softmax(s, dim=-1).to(v.dtype), v)            # [Nkv, G*T, D]
+    return a.view(Nq, T, D).transpose(0, 1).reshape(T, Nq * D)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         expand_kv: bool = False) -> torch.Tensor:
+    """`attention` through F.scaled_dot_product_attention: grouped heads passed as they are
+    (`enable_gqa`), or with `expand_kv` each KV head repeated for its G query heads first."""
+    T, Nq, D = q.shape
+    Nkv, L = k.shape[0], k.shape[1]
+    if expand_kv and Nq != Nkv:
+        G = Nq // Nkv
+        k = k[:, None].expand(Nkv, G, L, D).reshape(Nq, L, D)          # [Nq, L, D]
+        v = v[:, None].expand(Nkv, G, L, D).reshape(Nq, L, D)
+    a = F.scaled_dot_product_attention(                                # [1, Nq, T, D]
+        q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=1.0,
+        enable_gqa=Nq != k.shape[0])
+    return a[0].transpose(0, 1).reshape(T, Nq * D)
+
+
+def softcap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap), in place on a float32 tensor. Written as 2cap * sigmoid(2x/cap) - cap
+    (the same function; within ~4e-6 of torch.tanh at cap 30): torch's CPU tanh is ~10x slower
+    than its sigmoid, and this runs on every [C, V] step."""
+    return logits.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
