@@ -42,12 +42,22 @@ from typing import Callable
 
 import torch
 
+from .errors import InputError
+
 ENV = "DIFFCLI_CUDA_GRAPHS"
 
 
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
 def enabled_by_env() -> bool:
-    """False when DIFFCLI_CUDA_GRAPHS is 0/off/false/no; True otherwise (the default)."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+    """DIFFCLI_CUDA_GRAPHS: 1/on/true/yes (or unset) allows graphs, 0/off/false/no turns them
+    off; any other value is an input error (a typo must not silently keep them on)."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in _ON + _OFF:
+        raise InputError(f"{ENV}={value!r} is not on or off",
+                         fix="set it to 1 or 0 (also on/off, true/false, yes/no), or unset it")
+    return value in _ON
 
 
 class CudaCapture:

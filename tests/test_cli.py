@@ -221,7 +221,8 @@ def test_bad_input_one_line_exit_2(model_path, tmp_path, args, needle):
     assert "Traceback" not in res.stderr and res.stdout == ""
 
 
-@pytest.mark.parametrize("var,value", [("DIFFCLI_DTYPE", "f64"), ("DIFFCLI_BACKEND", "cuda-fast")])
+@pytest.mark.parametrize("var,value", [("DIFFCLI_DTYPE", "f64"), ("DIFFCLI_BACKEND", "cuda-fast"),
+                                       ("DIFFCLI_CUDA_GRAPHS", "maybe")])
 def test_bad_environment_one_line_exit_2(model_path, monkeypatch, var, value):
     from diffcli.backend import backend_for
     monkeypatch.setenv(var, value)

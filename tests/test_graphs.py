@@ -98,6 +98,13 @@ def test_env_switch(monkeypatch, value, on):
     assert graphs.enabled_by_env() is on
 
 
+def test_env_switch_rejects_other_values(monkeypatch):
+    from diffcli.errors import InputError
+    monkeypatch.setenv(graphs.ENV, "of")
+    with pytest.raises(InputError, match="DIFFCLI_CUDA_GRAPHS='of'"):
+        graphs.enabled_by_env()
+
+
 def test_generate_same_tokens_with_graph_replays(model):
     eager = _run(model, None)
     runner = graphs.StepGraph(model._decode_body, GraphLike())
