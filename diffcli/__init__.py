@@ -11,16 +11,16 @@ import importlib
 __version__ = "0.1.0"
 
 _API = {
-    "open_gguf": "gguffile",
-    "ModelConfig": "config",
-    "QTensor": "qtensor",
+    "open_gguf": "gguf.reader",
+    "QTensor": "gguf.qtensor",
+    "convert": "gguf.convert",
+    "ModelConfig": "model.config",
+    "load": "model.diffusion_gemma",
+    "SamplerConfig": "generate.sampler",
+    "generate": "generate.loop",
+    "stream": "generate.loop",
+    "Tokenizer": "text.tokenizer",
     "DiffcliError": "errors",
-    "load": "model",
-    "SamplerConfig": "sampler",
-    "generate": "generation",
-    "stream": "generation",
-    "convert": "converter",
-    "Tokenizer": "tokenizer",
 }
 
 __all__ = sorted(_API)

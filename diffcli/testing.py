@@ -191,7 +191,7 @@ def toy_tokenizer_files(out_dir: str | Path, vocab_size: int = 512) -> Path:
 
 def toy_gguf_vocab(vocab_size: int = 512):
     """The toy vocabulary as the converter's `Vocab` (what `convert` would read from the files)."""
-    from .convert_vocab import vocab_from_tokenizer_json
+    from .gguf.convert_vocab import vocab_from_tokenizer_json
     tok = json.loads(toy_tokenizer(vocab_size).to_str())
     return vocab_from_tokenizer_json(tok, vocab_size, _CHAT_TEMPLATE)
 
@@ -288,7 +288,7 @@ def save_tiny_checkpoint(model, out_dir: str | Path, tokenizer: bool = True) -> 
 def make_tiny_gguf(path: str | Path, outtype: str = "f32", seed: int = 0, variant: str = "h64",
                    **overrides: Any):
     """Build the tiny HF model, save it, convert it to `path`; returns (path, hf_model)."""
-    from .converter import convert
+    from .gguf.convert import convert
 
     model = build_tiny_hf_model(seed=seed, variant=variant, **overrides)
     with tempfile.TemporaryDirectory(prefix="diffcli-tiny-") as tmp:
@@ -302,7 +302,7 @@ def make_tiny_gguf(path: str | Path, outtype: str = "f32", seed: int = 0, varian
 
 def random_state_dict(config: dict, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """Random float32 weights under the HF names and shapes the converter expects for `config`."""
-    from .converter import HParams, hf_shapes
+    from .gguf.convert import HParams, hf_shapes
 
     hp = HParams.from_hf(config)
     rng = np.random.default_rng(seed)
@@ -324,7 +324,7 @@ def make_random_gguf(path: str | Path, config_overrides: dict | None = None, out
     """A diffusion-gemma GGUF with random weights and the toy vocabulary; no transformers needed.
     `config_overrides` are `tiny_config_dict` overrides (e.g. hidden_size=512, num_hidden_layers=8,
     num_experts=16, top_k_experts=4, vocab_size=32000)."""
-    from .converter import HParams, write_gguf
+    from .gguf.convert import HParams, write_gguf
 
     config = tiny_config_dict(variant, **dict(config_overrides or {}))
     hp = HParams.from_hf(config)

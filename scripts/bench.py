@@ -47,9 +47,10 @@ if not CUDA:
 import numpy as np  # noqa: E402
 
 import diffcli  # noqa: E402
-from diffcli import ops, quants  # noqa: E402
-from diffcli.backend import set_backend  # noqa: E402
-from diffcli.qtensor import QTensor  # noqa: E402
+from diffcli.compute import ops
+from diffcli.gguf import quants  # noqa: E402
+from diffcli.compute.backend import set_backend  # noqa: E402
+from diffcli.gguf.qtensor import QTensor  # noqa: E402
 from diffcli.kernels.moe import moe_triton  # noqa: E402
 from diffcli.kernels.qmatmul import qmatmul  # noqa: E402
 from diffcli.kernels.vocab import vocab_head, vocab_head_torch  # noqa: E402
@@ -225,7 +226,7 @@ def bench_attention(T: int, Nq: int, L: int, layers, dtype, device, reps: int) -
     """layers.attention's SDPA with grouped KV heads passed as they are (enable_gqa) and with the
     KV heads expanded to the query heads (what layers.attention does on CUDA above head dim 256),
     per (head dim, KV heads) of `layers`; errors against a float32 math-kernel reference."""
-    from diffcli.layers import sdpa
+    from diffcli.model.layers import sdpa
     rows = []
     gen = torch.Generator(device=device).manual_seed(4)
     for D, Nkv in layers:

@@ -98,8 +98,8 @@ def worker(a) -> dict:
         info = {}
     else:
         import diffcli
-        from diffcli import native
-        from diffcli.backend import set_backend
+        from diffcli.compute import native
+        from diffcli.compute.backend import set_backend
 
         if a.worker == "native" and not native.available():
             return {"error": "native library not built (python -m diffcli.native build)"}

@@ -14,8 +14,8 @@ import time
 import torch
 
 from diffcli import QTensor
-from diffcli.backend import set_backend
-from diffcli.quants import TRITON_TYPES, block_size, type_size
+from diffcli.compute.backend import set_backend
+from diffcli.gguf.quants import TRITON_TYPES, block_size, type_size
 
 
 def timed(fn, device: str, repeat: int) -> float:

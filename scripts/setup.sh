@@ -62,7 +62,7 @@ pip_step "installing diffcli${extras:+ with the test dependencies}" -e ".$extras
 if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && [ -f CMakeLists.txt ] \
    && grep -q add_library CMakeLists.txt; then
   say "building the native CPU kernels"
-  python -m diffcli.native build >>"$LOG" 2>&1 || say "native CPU kernels not built (optional; the torch path is used; see $LOG)"
+  python -m diffcli.compute.native build >>"$LOG" 2>&1 || say "native CPU kernels not built (optional; the torch path is used; see $LOG)"
 else
   say "no cmake/c++: native CPU kernels skipped (optional; the torch path is used)"
 fi

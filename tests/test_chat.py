@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from diffcli.chat import (GEMMA4_TEMPLATE, ChatTemplate, Conversation, PrefixCachedModel,
-                          encode_prompt, split_thinking)
 from diffcli.errors import InputError
-from diffcli.tokenizer import Tokenizer
+from diffcli.generate.prefix import PrefixCachedModel
+from diffcli.text.chat import GEMMA4_TEMPLATE, ChatTemplate, Conversation, encode_prompt, split_thinking
+from diffcli.text.tokenizer import Tokenizer
 from _toyvocab import write_toy_gguf
 
 pytest.importorskip("transformers")

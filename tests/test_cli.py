@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import diffcli
-from diffcli.chat import ChatTemplate, Conversation, split_thinking
-from diffcli.cli_run import run_cmd
-from diffcli.generation import CanvasEvent, Done, GenerationStats, StepEvent, generate
-from diffcli.tokenizer import Tokenizer
+from diffcli.text.chat import ChatTemplate, Conversation, split_thinking
+from diffcli.cli.run import run_cmd
+from diffcli.generate.loop import CanvasEvent, Done, GenerationStats, StepEvent, generate
+from diffcli.text.tokenizer import Tokenizer
 from _cli_fixtures import FAST, make_model, run, trace_records, with_metadata
 
 # Spec §C.8 (llama-diffusion-cli) plus the common flags and diffcli's additions named in the brief.
@@ -224,13 +224,8 @@ def test_bad_input_one_line_exit_2(model_path, tmp_path, args, needle):
 @pytest.mark.parametrize("var,value", [("DIFFCLI_DTYPE", "f64"), ("DIFFCLI_BACKEND", "cuda-fast"),
                                        ("DIFFCLI_CUDA_GRAPHS", "maybe")])
 def test_bad_environment_one_line_exit_2(model_path, monkeypatch, var, value):
-    from diffcli.backend import backend_for
-    monkeypatch.setenv(var, value)
-    backend_for.cache_clear()
-    try:
-        res = run(["-m", model_path, "-p", "x", *FAST])
-    finally:
-        backend_for.cache_clear()
+    monkeypatch.setenv(var, value)      # backend_for reads the environment on every call
+    res = run(["-m", model_path, "-p", "x", *FAST])
     assert res.exit_code == 2, (res.stdout, res.stderr)
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("diffcli: error:")]
     assert len(errors) == 1 and f"{var}={value!r}" in errors[0], res.stderr
@@ -300,7 +295,7 @@ def test_visual_turns_itself_off_when_piped(model_path):
 
 def _count_encoder_tokens(monkeypatch) -> list[int]:
     """Wrap the model's commit (the encoder pass; encode() goes through it too) to count tokens."""
-    from diffcli.model import DiffusionGemma
+    from diffcli.model.diffusion_gemma import DiffusionGemma
     counts: list[int] = []
     original = DiffusionGemma.commit
 

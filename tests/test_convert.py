@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from diffcli.cli import cli  # noqa: E402
-from diffcli.converter import convert  # noqa: E402
+from diffcli.gguf.convert import convert  # noqa: E402
 from diffcli.errors import InputError  # noqa: E402
 from diffcli.testing import (build_tiny_hf_model, make_random_gguf, save_tiny_checkpoint,  # noqa: E402
                              toy_tokenizer)
@@ -172,8 +172,8 @@ def test_tokenizer_keys(tiny):
 
 
 def test_model_config_reads_converted_file(tiny):
-    from diffcli.config import ModelConfig
-    from diffcli.gguffile import open_gguf
+    from diffcli.model.config import ModelConfig
+    from diffcli.gguf.reader import open_gguf
     cfg = ModelConfig.from_gguf(open_gguf(tiny[3]))
     assert (cfg.n_layer, cfg.n_embd, cfg.head_dim, cfg.head_dim_swa, cfg.n_rot) == (4, 64, 32, 16, 4)
     assert cfg.n_head_kv == [2, 1, 2, 1] and cfg.layer_types == ["sliding", "full"] * 2
@@ -267,7 +267,7 @@ def test_outtypes_f16_bf16_q8_0(tiny, tmp_path):
 
 
 def test_hf_shapes_match_transformers_for_h96_and_default_layer_pattern():
-    from diffcli.converter import HParams, hf_shapes
+    from diffcli.gguf.convert import HParams, hf_shapes
     for kw in [dict(variant="h96"), dict(num_hidden_layers=6, layer_types=None)]:
         model = build_tiny_hf_model(seed=1, **kw)
         sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -302,7 +302,7 @@ def test_toy_tokenizer_layout_and_round_trip():
 
 
 def test_failure_while_writing_leaves_nothing_behind(tmp_path):
-    from diffcli.converter import HParams, write_gguf
+    from diffcli.gguf.convert import HParams, write_gguf
     from diffcli.testing import random_state_dict, tiny_config_dict, toy_gguf_vocab
     cfg = tiny_config_dict()
     weights = random_state_dict(cfg)

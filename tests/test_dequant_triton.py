@@ -23,11 +23,11 @@ if DEVICE == "cpu":   # before any Triton kernel is defined
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from diffcli import quants  # noqa: E402
-from diffcli.backend import set_backend  # noqa: E402
+from diffcli.gguf import quants  # noqa: E402
+from diffcli.compute.backend import set_backend  # noqa: E402
 from diffcli.kernels.dequant import KERNEL_TYPES, LAYOUT, dequantize_triton  # noqa: E402
-from diffcli.ops import dequantize  # noqa: E402
-from diffcli.qtensor import QTensor  # noqa: E402
+from diffcli.compute.ops import dequantize  # noqa: E402
+from diffcli.gguf.qtensor import QTensor  # noqa: E402
 
 from _quantblocks import assert_bit_exact, blocks_from_bytes, oracle  # noqa: E402
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from diffcli import quants
-from diffcli.config import EB_DEFAULTS, ModelConfig
+from diffcli.gguf import quants
+from diffcli.model.config import EB_DEFAULTS, ModelConfig
 from diffcli.errors import InputError
-from diffcli.gguffile import open_gguf
+from diffcli.gguf.reader import open_gguf
 
 import _tinygguf
 from _tinygguf import (ARCH_KEYS, DIMS, EB_KEYS, HEAD_KV, PATTERN, broken_files,

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 import _tinygguf
 from _tinygguf import broken_files, write_unsupported
 from diffcli.cli import cli
-from diffcli.cli_inspect import describe, render_rich
-from diffcli.config import ModelConfig
-from diffcli.gguffile import open_gguf
+from diffcli.cli.inspect import describe, render_rich
+from diffcli.model.config import ModelConfig
+from diffcli.gguf.reader import open_gguf
 
 
 def inspect(*args):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from diffcli.generation import CanvasEvent, StepEvent
-from diffcli.live import (STYLE_ACCEPTED, STYLE_SETTLED, STYLE_THINKING, LiveView, ProgressLine,
+from diffcli.generate.loop import CanvasEvent, StepEvent
+from diffcli.cli.live import (STYLE_ACCEPTED, STYLE_SETTLED, STYLE_THINKING, LiveView, ProgressLine,
                           renoised_style)
 
 PIECES = {0: "", 1: "A", 2: "B", 3: "C", 4: "D", 5: "<|channel>", 6: "x", 7: "<channel|>", 8: "\n"}

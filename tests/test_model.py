@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import diffcli
-from diffcli.backend import set_backend
+from diffcli.compute.backend import set_backend
 from diffcli.errors import InputError
 
 from _spec_names import gguf_name_for
@@ -38,7 +38,7 @@ def _tiny(tmp_path_factory, variant, outtype="f32", seed=0, **overrides):
 @pytest.fixture
 def backends():
     """The CPU backends to check: torch always, the C++ library when it is built."""
-    from diffcli import native
+    from diffcli.compute import native
     yield ["torch"] + (["native"] if native.available() else [])
     set_backend(None)
 
@@ -254,7 +254,7 @@ def _random_gguf(path, H=64, V=512, n_layer=2, qtype=gguf.GGMLQuantizationType.F
 
 def test_name_table_covers_the_file(tiny):
     """Every tensor of a converted file is read by the model, and nothing else is expected."""
-    from diffcli.weights import expected_shapes
+    from diffcli.model.weights import expected_shapes
     model, _ = tiny
     f = model.gguf
     shapes = expected_shapes(model.config)
@@ -279,8 +279,8 @@ def test_unsupported_qtype_is_rejected(tmp_path):
 def test_shape_mismatch_is_rejected(tmp_path):
     path = _random_gguf(tmp_path / "s.gguf", V=512)
     # a file whose metadata says 2 KV heads on a layer whose K projection has 1
-    from diffcli.config import ModelConfig
-    from diffcli.weights import validate
+    from diffcli.model.config import ModelConfig
+    from diffcli.model.weights import validate
     f = diffcli.open_gguf(path)
     cfg = ModelConfig.from_gguf(f)
     cfg.n_head_kv[1] = 2
@@ -398,7 +398,7 @@ def test_cpu_bf16_matches_fp32(tmp_path, backends, outtype, hidden):
 
 
 def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch):
-    from diffcli.backend import cpu_has_bf16, default_dtype
+    from diffcli.compute.backend import cpu_has_bf16, default_dtype
     from diffcli.testing import make_random_gguf
     path = make_random_gguf(tmp_path / "r.gguf", {"hidden_size": 64}, outtype="f32", seed=3)
     cpu = torch.device("cpu")
@@ -423,7 +423,7 @@ def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch
 def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
     """layers.attention (batched matmuls on the CPU at D >= 256, SDPA below) against float64 SDPA
     with grouped query heads and a mask; bf16 within the rounding of its operands and output."""
-    from diffcli.layers import attention
+    from diffcli.model.layers import attention
     gen = torch.Generator().manual_seed(T * D)
     q = (torch.randn(T, Nq, D, generator=gen) * 0.1).to(dtype)
     k = (torch.randn(Nkv, L, D, generator=gen) * 0.1).to(dtype)
@@ -439,7 +439,7 @@ def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked):
     assert got.dtype == dtype and got.shape == (T, Nq * D)
     assert (got.double() - want).abs().max() <= tol
     # the CUDA path at D > 256: KV heads expanded to the query heads (head h reads KV h // G)
-    from diffcli.layers import sdpa
+    from diffcli.model.layers import sdpa
     expanded = sdpa(q, k, v, mask, expand_kv=True)
     assert expanded.dtype == dtype and expanded.shape == (T, Nq * D)
     assert (expanded.double() - want).abs().max() <= tol

@@ -14,8 +14,8 @@ if DEVICE == "cpu":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from diffcli import ops  # noqa: E402
-from diffcli.qtensor import QTensor  # noqa: E402
+from diffcli.compute import ops  # noqa: E402
+from diffcli.gguf.qtensor import QTensor  # noqa: E402
 from diffcli.kernels.moe import moe_triton, route  # noqa: E402
 
 from _qblocks import random_blocks, reference  # noqa: E402

@@ -20,9 +20,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from diffcli import native, ops, quants
-from diffcli.backend import set_backend
-from diffcli.qtensor import QTensor
+from diffcli.compute import native, ops
+from diffcli.gguf import quants
+from diffcli.compute.backend import set_backend
+from diffcli.gguf.qtensor import QTensor
 
 from _qblocks import random_blocks, reference
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import diffcli
-from diffcli import placement
+from diffcli.model import placement
 from diffcli.errors import InputError
-from diffcli.gguffile import TensorInfo, open_gguf
-from diffcli.placement import device_bytes, parse_device, plan_placement
+from diffcli.gguf.reader import TensorInfo, open_gguf
+from diffcli.model.placement import device_bytes, parse_device, plan_placement
 
 from _cli_fixtures import make_model, run
 

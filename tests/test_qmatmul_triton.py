@@ -16,7 +16,7 @@ if DEVICE == "cpu":
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from diffcli.qtensor import QTensor  # noqa: E402
+from diffcli.gguf.qtensor import QTensor  # noqa: E402
 from diffcli.kernels.qmatmul import qmatmul  # noqa: E402
 
 from _qblocks import random_blocks, reference  # noqa: E402

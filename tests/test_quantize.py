@@ -16,9 +16,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
-from diffcli import quantize as Q  # noqa: E402
-from diffcli.converter import HParams, hf_shapes, tensor_plan, tensor_types  # noqa: E402
-from diffcli.quants import dequantize_torch  # noqa: E402
+from diffcli.gguf import quantize as Q  # noqa: E402
+from diffcli.gguf.convert import HParams, hf_shapes, tensor_plan, tensor_types  # noqa: E402
+from diffcli.gguf.quants import dequantize_torch  # noqa: E402
 
 
 def _data(rng: np.random.Generator, rows: int, cols: int, log_range: float = 12) -> np.ndarray:
@@ -160,7 +160,7 @@ def test_tiny_q4_k_m_file_uses_k_quants(tmp_path):
 
 
 def test_real_model_shapes_total_and_size_label():
-    from diffcli.converter import size_label
+    from diffcli.gguf.convert import size_label
     hp = HParams.from_hf(REAL)
     shapes = hf_shapes(hp)
     dims = [(g, (256,) if h is None else shapes[h]) for g, h in tensor_plan(hp)]

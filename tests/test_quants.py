@@ -12,7 +12,7 @@ import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from diffcli import quants
+from diffcli.gguf import quants
 from diffcli.errors import InputError
 
 from _quantblocks import assert_bit_exact, blocks_from_bytes, blocks_from_halves, oracle

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize  # noqa: E402
 
-from diffcli import quants  # noqa: E402
-from diffcli.gguffile import open_gguf  # noqa: E402
+from diffcli.gguf import quants  # noqa: E402
+from diffcli.gguf.reader import open_gguf  # noqa: E402
 
 pytestmark = pytest.mark.realdata
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from diffcli.tokenizer import Tokenizer
+from diffcli.text.tokenizer import Tokenizer
 from _toyvocab import hf_oracle, toy_vocab, write_toy_gguf
 
 TEXTS = [
@@ -138,7 +138,7 @@ def test_real_vocab_bpe_against_oracle():
     file). Derive a 513k-entry merge list from it the way HF converts SentencePiece BPE vocabularies
     (every split of a piece into two vocabulary pieces, ranked by the merged piece's id), then compare
     diffcli's BPE with the `tokenizers` oracle on that real-size vocabulary."""
-    from diffcli.gguffile import open_gguf
+    from diffcli.gguf.reader import open_gguf
     md = open_gguf(_gemma3_path()).metadata
     tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
     vocab = {}

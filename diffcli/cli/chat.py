@@ -13,7 +13,7 @@ import time
 
 import click
 
-from .cli_run import Session, log, report, run_turn
+from .session import Session, log, report, run_turn
 
 HELP = """commands:
   /help, /?     this help

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .converter import OUTTYPES
+from ..gguf.convert import OUTTYPES
 
 
 @click.command("convert")
@@ -19,7 +19,7 @@ from .converter import OUTTYPES
 @click.option("--verbose", is_flag=True, hidden=True)
 def convert_cmd(hf_dir: Path, out: Path | None, outtype: str, force: bool, verbose: bool) -> None:
     """Convert a Hugging Face DiffusionGemma checkpoint to a GGUF file (llama.cpp PR #24423 layout)."""
-    from .converter import convert
+    from ..gguf.convert import convert
 
     outtype = outtype.lower()
     if out is None:

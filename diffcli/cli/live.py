@@ -26,7 +26,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from .chat import CHANNEL_CLOSE, CHANNEL_OPEN
+from ..text.chat import CHANNEL_CLOSE, CHANNEL_OPEN
 
 STYLE_SETTLED = ""
 STYLE_ACCEPTED = "green"

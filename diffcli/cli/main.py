@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from .errors import EXIT_RUNTIME, DiffcliError
+from ..errors import EXIT_RUNTIME, DiffcliError
 
 DEFAULT_COMMAND = "run"
 
@@ -74,9 +74,9 @@ def cli() -> None:
 
 def _register() -> None:
     # Imported here, not at the top: each command module imports the group's error handling.
-    from .cli_convert import convert_cmd
-    from .cli_inspect import inspect_cmd
-    from .cli_run import run_cmd
+    from .convert import convert_cmd
+    from .inspect import inspect_cmd
+    from .run import run_cmd
     cli.add_command(inspect_cmd, "inspect")
     cli.add_command(convert_cmd, "convert")
     cli.add_command(run_cmd, DEFAULT_COMMAND)

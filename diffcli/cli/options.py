@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .errors import InputError
+from ..errors import InputError
 
 DEFAULT_SEED = 0xFFFFFFFF
 AUTO_ON_OFF = click.Choice(["auto", "on", "off"], case_sensitive=False)

@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
+from . import native
 
 BACKENDS = ("triton", "native", "torch")
 _forced: str | None = None
@@ -28,7 +29,6 @@ def set_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     _forced = name
-    backend_for.cache_clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,23 +44,29 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
 def backend_for(device_type: str) -> str:
-    """The backend used for tensors on `device_type` ("cpu", "cuda", "mps")."""
+    """The backend used for tensors on `device_type` ("cpu", "cuda", "mps").
+
+    Reads the override (`set_backend`, then DIFFCLI_BACKEND) and whether the native library is
+    loaded on every call, so a change to either takes effect at once; the choice itself is
+    cached."""
     want = _forced or os.environ.get("DIFFCLI_BACKEND") or None
+    return _choose(device_type, want, triton_interpret(), native.available())
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(device_type: str, want: str | None, interpret: bool, native_built: bool) -> str:
     if want is not None:
         if want not in BACKENDS:
             raise InputError(f"DIFFCLI_BACKEND={want!r} is not a backend",
                              fix=f"set it to one of {', '.join(BACKENDS)}, or unset it")
-        if want == "triton" and device_type == "cpu" and not triton_interpret():
+        if want == "triton" and device_type == "cpu" and not interpret:
             return "torch"   # Triton needs a GPU unless the interpreter is on
         return want
     if device_type == "cuda" and _triton_available():
         return "triton"
-    if device_type == "cpu":
-        from . import native
-        if native.available():
-            return "native"
+    if device_type == "cpu" and native_built:
+        return "native"
     return "torch"
 
 
@@ -82,7 +88,6 @@ def cpu_has_bf16() -> bool:
                     break
     except OSError:
         pass
-    from . import native
     return native.has_bf16()
 
 

@@ -42,7 +42,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 ENV = "DIFFCLI_CUDA_GRAPHS"
 

@@ -5,7 +5,7 @@ A active experts per token.
 
 The library is looked up once: `$DIFFCLI_NATIVE_LIB` if set, else the default build folder
 `kernels/native/build/`. Without it `available()` is False and diffcli runs the torch path.
-`python -m diffcli.native build [DIR]` configures and builds it with cmake.
+`python -m diffcli.compute.native build [DIR]` configures and builds it with cmake.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .qtensor import QTensor
+from ..gguf.qtensor import QTensor
 
 ABI_VERSION = 2   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
@@ -38,13 +38,13 @@ _threads = 0
 
 def source_dir() -> Path | None:
     """The folder holding CMakeLists.txt (a source checkout), or None for a wheel install."""
-    from . import kernels
+    from .. import kernels
     root = Path(kernels.__file__).resolve().parent.parent
     return root if (root / "CMakeLists.txt").is_file() else None
 
 
 def default_build_dir() -> Path:
-    from . import kernels
+    from .. import kernels
     return Path(kernels.__file__).resolve().parent / "native" / "build"
 
 
@@ -92,8 +92,6 @@ def use_library(path: str | os.PathLike | None) -> bool:
         if lib.dn_abi_version() != ABI_VERSION:
             return False
         _lib = lib
-    from .backend import backend_for
-    backend_for.cache_clear()
     return _lib is not None
 
 
@@ -146,7 +144,7 @@ def _call(name: str, *args) -> None:
     global _threads
     lib = _library()
     if lib is None:
-        raise RuntimeError("diffcli native library is not built; run `python -m diffcli.native build`")
+        raise RuntimeError("diffcli native library is not built; run `python -m diffcli.compute.native build`")
     n = torch.get_num_threads()   # follow torch (and so -t) for the OpenMP pool
     if n != _threads:
         lib.dn_set_threads(n)
@@ -293,12 +291,12 @@ def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False,
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] != "build" or len(argv) > 2:
-        print("usage: python -m diffcli.native build [BUILD_DIR]", file=sys.stderr)
+        print("usage: python -m diffcli.compute.native build [BUILD_DIR]", file=sys.stderr)
         return 2
     try:
         lib = build(argv[1] if len(argv) > 1 else None)
     except (RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"diffcli.native: build failed: {exc}", file=sys.stderr)
+        print(f"diffcli.compute.native: build failed: {exc}", file=sys.stderr)
         return 1
     ok = use_library(lib)
     print(f"{lib} ({simd()})" if ok else f"{lib} (built, but it does not load)")

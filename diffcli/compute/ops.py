@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import quants
+from ..gguf import quants
 from .backend import backend_for
-from .qtensor import QTensor
+from ..gguf.qtensor import QTensor
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32,
@@ -22,7 +22,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32,
     raw = qt.raw if qt.raw.device == device else qt.raw.to(device)
     backend = backend_for(device.type)
     if backend == "triton" and qt.qtype in quants.TRITON_TYPES:
-        from .kernels.dequant import dequantize_triton
+        from ..kernels.dequant import dequantize_triton
         out = dequantize_triton(raw, qt.qtype, qt.numel, dtype)
     elif backend == "native" and device.type == "cpu" and _native_supports(qt.qtype):
         from . import native
@@ -43,7 +43,7 @@ def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
         return x @ w.t()
     backend = backend_for(x.device.type)
     if backend == "triton":
-        from .kernels import qmatmul as fused
+        from ..kernels import qmatmul as fused
         if w.qtype in fused.SUPPORTED:
             return fused.qmatmul(x, w)
     if backend == "native":
@@ -62,9 +62,9 @@ def moe_experts(x: torch.Tensor, gate_up: QTensor | torch.Tensor, down: QTensor 
     """
     backend = backend_for(x.device.type)
     if backend == "triton" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
-        from .kernels import qmatmul as fused
+        from ..kernels import qmatmul as fused
         if gate_up.qtype in fused.SUPPORTED and down.qtype in fused.SUPPORTED:
-            from .kernels.moe import moe_triton
+            from ..kernels.moe import moe_triton
             return moe_triton(x, gate_up, down, ids, weights)
     if backend == "native" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
         from . import native

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "SamplerConfig", "temperature_at", "token_entropy", "sample", "entropy_bound_accept", "renoise",
@@ -127,7 +127,7 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     kernels differ."""
     if probs.device.type != "cpu" or gen.device.type != "cpu" or probs.dtype != torch.float32:
         return torch.multinomial(probs, 1, generator=gen).view(-1)
-    from . import native
+    from ..compute import native
     drawn = native.sample(probs, gen)          # the same race in C++, generator included
     if drawn is not None:
         return drawn

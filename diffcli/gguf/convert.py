@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .quantize import BLOCK, can_quantize, quantize
 from .convert_vocab import Vocab, read_hf_tokenizer
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quants import dequantize_torch
+
 
 @dataclass
 class QTensor:
@@ -53,9 +55,12 @@ class QTensor:
 
     def dequantize(self, dtype: torch.dtype = torch.float32,
                    device: torch.device | str | None = None) -> torch.Tensor:
-        """The tensor in `dtype` on `device` (default: where the bytes live), shape `self.shape`."""
-        from .ops import dequantize
-        return dequantize(self, dtype=dtype, device=device)
+        """The tensor in `dtype` on `device` (default: where the bytes live), shape `self.shape`,
+        through the torch reference dequantizer of its block format (`quants.dequantize_torch`,
+        bit-exact with gguf-py). The model goes through `diffcli.compute.ops.dequantize`
+        instead, which picks the fastest backend (Triton, native) for the device."""
+        raw = self.raw if device is None else self.raw.to(device)
+        return dequantize_torch(raw, self.qtype).to(dtype).view(self.shape)
 
     def __repr__(self) -> str:
         return f"QTensor({self.name!r}, {self.qtype}, shape={list(self.shape)})"

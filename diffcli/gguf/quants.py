@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 
 QK_K = 256                    # values per K-quant super-block
 _CHUNK_BLOCKS = 1 << 15       # bounds the temporaries of one dequantize_torch call

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from .errors import InputError
+from ..errors import InputError
 from .qtensor import QTensor
 
 GGUF_MAGIC = b"GGUF"

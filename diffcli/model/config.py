@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .gguffile import GGUFFile
+    from ..gguf.reader import GGUFFile
 
 ARCH = "diffusion-gemma"
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import graphs, ops
-from .backend import (_triton_available, backend_for, default_dtype, keep_freed_memory,
+from ..compute import graphs, ops
+from ..compute.backend import (_triton_available, backend_for, default_dtype, keep_freed_memory,
                       triton_interpret)
 from .config import ModelConfig
-from .gguffile import open_gguf
+from ..gguf.reader import open_gguf
 from .layers import attention, rms, rotate_half, softcap_
-from .qtensor import QTensor
+from ..gguf.qtensor import QTensor
 from .weights import LayerWeights, Weights, load_weights, validate
 
 
@@ -184,7 +184,7 @@ class DiffusionGemma:
         head's device: logits [C, V] fp32 (divided by `temperature` when `tempered_logits`),
         argmax/lse/entropy [C] of logits / temperature, soft [C, H] fp32 (where E lives).
         Needs a Triton-capable head (`use_fused_head`)."""
-        from .kernels.vocab import VocabOut, vocab_head
+        from ..kernels.vocab import VocabOut, vocab_head
         x, E = self._decode(cache, canvas_ids, None, sc_soft)
         if E is None:
             E = self._dense_embedding()                                # [V, H]

@@ -27,7 +27,7 @@ from typing import Iterable
 
 import torch
 
-from .errors import InputError
+from ..errors import InputError
 from .weights import GLOBAL_NAMES, LAYER_NAMES, QUANTIZED
 
 EXPERT_ATTRS = ("exp_gate_up", "exp_down")

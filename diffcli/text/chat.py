@@ -1,4 +1,4 @@
-"""Chat: the GGUF's Jinja chat template, thinking on/off, history, and the prompt cache across turns.
+"""Chat: the GGUF's Jinja chat template, thinking on/off, and the conversation history.
 
 The template is rendered with jinja2 the way transformers 5.23.0 renders it (spec §D.3): an
 `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)` with the `loopcontrols`
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
 
-from .errors import InputError
+from ..errors import InputError
 
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
 
@@ -192,68 +192,3 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     while ids and ids[0] == bos:
         ids = ids[1:]
     return [bos] + ids if tokenizer.add_bos or text.startswith(tokenizer.id_to_token(bos)) else ids
-
-
-class PrefixCachedModel:
-    """A model proxy that keeps the encoder cache of the previous prompt and, for the next one,
-    only encodes the tokens after the longest cached prefix (spec FIELD: "chat that keeps the
-    prompt KV across turns").
-
-    The model's cache can be snapshotted (`cache.copy()`) but not truncated (sliding layers keep
-    only the last W-1 keys), so snapshots are taken where the next turn's prompt can diverge: just
-    before the last turn-opening token (`<|turn>`) — the next turn re-renders the model turn with
-    its answer there instead of the generation prompt. Everything else is passed through.
-    """
-
-    def __init__(self, model, checkpoint_id: int | None = None):
-        self._model = model
-        self._checkpoint_id = checkpoint_id
-        self._snapshots: list[tuple[list[int], Any]] = []   # (ids in the cache, cache)
-        self.encoded_tokens = 0                             # tokens run through the encoder
-        self.reused_tokens = 0
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def reset(self) -> None:
-        self._snapshots.clear()
-
-    def encode(self, prompt_ids):
-        ids = [int(i) for i in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
-        best, cache = 0, None
-        for snap_ids, snap in self._snapshots:
-            if len(snap_ids) > best and ids[:len(snap_ids)] == snap_ids:
-                best, cache = len(snap_ids), snap
-        cut = len(ids)
-        if self._checkpoint_id is not None and self._checkpoint_id in ids[best:]:
-            cut = len(ids) - 1 - ids[::-1].index(self._checkpoint_id)
-        if cache is None:
-            cache = self._model.new_cache() if hasattr(self._model, "new_cache") else None
-        else:
-            cache = cache.copy()
-        self.reused_tokens += best
-        pieces = [(best, cut), (cut, len(ids))] if best < cut < len(ids) else [(best, len(ids))]
-        snapshots = []
-        for lo, hi in pieces:
-            if hi <= lo:
-                continue
-            if cache is None:
-                cache = self._model.encode(_like(prompt_ids, ids[lo:hi]))
-            else:
-                cache = self._model.commit(cache, _like(prompt_ids, ids[lo:hi]))
-            self.encoded_tokens += hi - lo
-            if hi == cut and hasattr(cache, "copy"):
-                snapshots.append((ids[:hi], cache.copy()))
-        if cache is None:      # an empty prompt: nothing to encode
-            cache = self._model.encode(prompt_ids)
-        if hasattr(cache, "copy"):
-            snapshots.append((ids, cache.copy()))
-            self._snapshots = snapshots     # older turns' snapshots are never a prefix again
-        return cache
-
-
-def _like(template, ids: list[int]):
-    """ids in the same container type the caller used (tensor or list)."""
-    if hasattr(template, "new_tensor"):
-        return template.new_tensor(ids)
-    return ids

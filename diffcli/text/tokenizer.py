@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Iterable
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .gguffile import GGUFFile
+    from ..gguf.reader import GGUFFile
 
 SPACE = "\u2581"   # ▁, SentencePiece's visible space
 # tokenizer.ggml.token_type values
@@ -77,7 +77,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, source: "str | os.PathLike | GGUFFile") -> "Tokenizer":
         if isinstance(source, (str, os.PathLike)):
-            from .gguffile import open_gguf
+            from ..gguf.reader import open_gguf
             source = open_gguf(source)
         md = source.metadata
         path = getattr(source, "path", None)

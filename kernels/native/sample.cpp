@@ -16,7 +16,7 @@
 //
 // The generator state is passed as torch's own state bytes (Generator.get_state()): the 32-bit
 // MT19937 words stored as uint64 at byte 24, `left` (int32) at 8 and `next` (uint64) at 16.
-// diffcli/native.py checks that layout against torch once before using this.
+// diffcli/compute/native.py checks that layout against torch once before using this.
 #include <math.h>
 #include <string.h>
 

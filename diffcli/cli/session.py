@@ -1,0 +1,361 @@
+"""One run of the model from the command line: open the model, tokenizer, sampler and chat
+template once (`open_session`), then generate a turn (`run_turn`) streaming the answer to stdout
+or the live view, and report it (`report`: --json, the end-of-turn statistics). Used by `run`
+(one prompt) and by the chat loop (`-cnv`).
+
+Shell contract: the answer alone on stdout; logs, progress and statistics on stderr. No tensor
+code lives here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import InputError
+from .options import RunOptions
+
+
+def log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@dataclass
+class Session:
+    """Everything a turn needs, opened once."""
+    opts: RunOptions
+    model: Any
+    tokenizer: Any
+    sampler: Any
+    conversation: Any
+    n_canvases: int
+    canvas_length: int
+    context: int
+    kv_cache: bool
+    trace: Any = None
+    stdout: Any = field(default_factory=lambda: sys.stdout)
+
+
+# ---- opening ---------------------------------------------------------------------------------
+
+def read_prompt(opts: RunOptions) -> str | None:
+    stdin = sys.stdin
+    if opts.prompt == "-":
+        return stdin.read()
+    if opts.file is not None:
+        try:
+            return Path(opts.file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"cannot read the prompt file: {exc.strerror}", path=opts.file,
+                             fix="check the -f path") from None
+        except UnicodeDecodeError:
+            raise InputError("the prompt file is not UTF-8 text", path=opts.file,
+                             fix="convert it to UTF-8") from None
+    if opts.prompt is not None:
+        return opts.prompt
+    if not opts.conversation and not _isatty(stdin):
+        return stdin.read()
+    return None
+
+
+def open_session(opts: RunOptions) -> Session:
+    from ..generate.prefix import PrefixCachedModel
+    from ..text.chat import ChatTemplate, Conversation
+    from ..model.config import ModelConfig
+    from ..gguf.reader import open_gguf
+    from ..generate.sampler import SamplerConfig
+    from ..text.tokenizer import Tokenizer
+
+    opts.validate()
+    prompt = read_prompt(opts)
+    if prompt is None and not opts.conversation:
+        raise InputError("no prompt given", fix="pass -p TEXT, -f FILE, pipe text on stdin, or use -cnv")
+    if prompt is not None and not prompt.strip() and not opts.conversation:
+        raise InputError("the prompt is empty", fix="pass some text with -p, -f or stdin")
+    opts.prompt_text = prompt
+
+    t0 = time.perf_counter()
+    f = open_gguf(opts.model)
+    cfg = ModelConfig.from_gguf(f)
+    try:
+        sampler = SamplerConfig.resolve(cfg, **opts.sampler_overrides())
+    except InputError as exc:
+        raise InputError(f"--diffusion-eb-*: {exc.problem}", fix=exc.fix) from None
+    tokenizer = Tokenizer.from_gguf(f)
+    C = int(cfg.canvas_length)
+    n_canvases, context = size_run(opts, C, cfg.context_length)
+    template_src = opts.chat_template_source(tokenizer.chat_template)
+    template = ChatTemplate(template_src, bos_token=_tok_text(tokenizer, tokenizer.bos_id, "<bos>"),
+                            eos_token=_tok_text(tokenizer, tokenizer.eos_id, "<eos>"),
+                            path=opts.chat_template_file or opts.model)
+    conversation = Conversation(template, tokenizer, system=opts.system,
+                                enable_thinking=opts.thinking_enabled(),
+                                template_kwargs=opts.template_kwargs(),
+                                use_template=not opts.no_chat_template)
+    # llama.cpp's -ngl 0 keeps everything on the CPU
+    device = resolve_device("cpu" if opts.n_gpu_layers == 0 and opts.device == "auto" else opts.device)
+    for note in opts.ignored_notes():
+        log(note)
+    model = load_model(opts, device)
+    dtype = str(model.dtype).removeprefix("torch.")
+    if model.step_graph is not None:
+        dtype += ", CUDA graphs"
+    log(f"diffcli: loaded {opts.model} ({cfg.n_layer} layers, vocab {len(tokenizer)}) on {device} "
+        f"({dtype}) in {time.perf_counter() - t0:.2f}s")
+    kv_cache = opts.diffusion_kv_cache != "off"
+    if kv_cache and opts.conversation:
+        model = PrefixCachedModel(model, checkpoint_id=tokenizer.token_to_id("<|turn>"))
+    on_gpu = device not in ("cpu",)
+    log(f"diffusion: -n {opts.n_predict} -> {n_canvases} blocks, n_ubatch={opts.ubatch_size} "
+        f"n_batch={opts.batch_size} n_ctx={context} (canvas_length={C})")
+    log(f"diffusion_eb: max_steps={sampler.max_steps} t=[{sampler.t_min:.2f},{sampler.t_max:.2f}] "
+        f"entropy_bound={sampler.entropy_bound:g} stability={sampler.stability} "
+        f"confidence={sampler.confidence:g} kv_cache={'on' if kv_cache else 'off'} "
+        f"gpu_sampling={'on' if on_gpu else 'off'} sample_reduce={'on' if on_gpu else 'off'}")
+    log(f"diffcli: seed {opts.seed}; thinking {'on' if conversation_thinking(conversation) else 'off'}")
+    trace = open_trace(opts.trace) if opts.trace else None
+    return Session(opts, model, tokenizer, sampler, conversation, n_canvases, C, context,
+                   kv_cache, trace)
+
+
+def conversation_thinking(conv) -> bool:
+    return bool(conv.template_kwargs.get("enable_thinking", conv.enable_thinking))
+
+
+def _tok_text(tokenizer, i: int | None, default: str) -> str:
+    return tokenizer.id_to_token(i) if i is not None and 0 <= i < len(tokenizer) else default
+
+
+def size_run(opts: RunOptions, C: int, model_ctx: int) -> tuple[int, int]:
+    """llama-diffusion-cli's sizing (§C.8): -n > 0 -> ceil(n/C) canvases and the batch/context
+    sizes grown to fit them; otherwise --diffusion-blocks canvases. -c 0 = the model's context."""
+    if opts.n_predict > 0:
+        n = math.ceil(opts.n_predict / C)
+        needed = n * C + 2048
+        opts.ubatch_size = max(opts.ubatch_size, needed)
+        opts.batch_size = max(opts.batch_size, opts.ubatch_size)
+        if opts.ctx_size > 0:
+            opts.ctx_size = max(opts.ctx_size, needed)
+    else:
+        n = opts.diffusion_blocks
+    context = opts.ctx_size if opts.ctx_size > 0 else int(model_ctx)
+    return n, context
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    name = name.lower()
+    if name in ("auto", ""):
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name == "none":
+        return "cpu"
+    if name.startswith("cuda") and name[4:].isdigit():      # llama.cpp's -dev CUDA0
+        name = f"cuda:{name[4:]}"
+    kind = name.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available",
+                         fix="use --device cpu (or auto)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps was asked for but MPS is not available", fix="use --device cpu")
+    return name
+
+
+def load_model(opts: RunOptions, device: str):
+    """diffcli.load with the placement flags (-ngl, --n-cpu-moe, -ot, --no-mmap); a placement
+    that splits the model across devices is logged in one line."""
+    from .. import load
+    if opts.threads > 0:
+        import torch
+        torch.set_num_threads(opts.threads)
+    from ..compute.backend import DTYPES
+    model = load(opts.model, device=device, dtype=DTYPES.get(opts.dtype),
+                 n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe or 0,
+                 override_tensor=tuple(opts.override_tensor), mmap=not opts.no_mmap)
+    if opts.no_cuda_graphs:
+        model.cuda_graphs = False
+    plan = getattr(model, "placement", None)
+    if plan is not None and len({*plan.layers, plan.head, *plan.tensors.values()}) > 1:
+        on_accel = sum(d == plan.accel for d in plan.layers)
+        off = sum(d.type == "cpu" for d in plan.tensors.values())
+        log(f"diffcli: placement: {on_accel}/{len(plan.layers)} layers on {plan.accel}, head on "
+            f"{plan.head}; {off} of {len(plan.tensors)} tensors on the CPU")
+    return model
+
+
+def open_trace(path: str):
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"cannot write the trace file: {exc.strerror}", path=path,
+                         fix="check the --trace path") from None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ---- one turn ------------------------------------------------------------------------------
+
+@dataclass
+class TurnResult:
+    text: str            # the raw reply (user-defined tokens shown, control hidden)
+    answer: str          # the reply without its thought channel
+    thinking: str
+    tokens: list[int]
+    stats: Any
+    prompt_tokens: int
+    total_ms: float
+
+
+def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
+             t_start: float | None = None) -> TurnResult:
+    """Generate one reply, streaming the answer to stdout (or the live view) as canvases commit.
+    `t_start`: when the turn began (before the template was rendered), for the total time."""
+    from .. import stream
+    from ..text.chat import split_thinking
+    from .live import LiveView, ProgressLine
+
+    opts, tok = session.opts, session.tokenizer
+    t0 = time.perf_counter() if t_start is None else t_start
+    n = session.n_canvases
+    room = (session.context - len(prompt_ids)) // session.canvas_length
+    if room < 1:
+        raise InputError(f"the prompt ({len(prompt_ids)} tokens) plus one {session.canvas_length}-token "
+                         f"canvas does not fit the context of {session.context} tokens",
+                         fix="raise -c, or shorten the prompt (or /clear the chat)")
+    if room < n:
+        log(f"diffcli: context {session.context} fits only {room} of {n} canvases after the prompt")
+        n = room
+    decoder, raw, printed = tok.stream_decoder(), "", 0
+    out = session.stdout
+    show_thinking = opts.show_thinking
+    live = None
+    if visual:
+        from rich.console import Console
+        console = Console(file=out, highlight=False)
+        # a real terminal, or one Rich is told is compatible (TTY_COMPATIBLE=1); FORCE_COLOR alone
+        # (often set in CI) must not draw a live region into a file
+        terminal = _isatty(out) or os.environ.get("TTY_COMPATIBLE") == "1"
+        live = LiveView(console, tok.piece, n_canvases=n, interval=opts.diffusion_visual_interval,
+                        progress=opts.diffusion_visual_progress, show_thinking=show_thinking,
+                        enabled=terminal)
+        if not live.enabled:
+            log("diffcli: --diffusion-visual: stdout is not a terminal; live view off")
+            live = None
+    progress = ProgressLine() if live is None and not opts.json else ProgressLine(enabled=False)
+    done = None
+    if session.trace is not None:
+        session.trace.write(json.dumps({"event": "prompt", "ids": list(prompt_ids)}) + "\n")
+    events = stream(session.model, prompt_ids, max_new_tokens=n * session.canvas_length,
+                    sampler=session.sampler, seed=opts.seed, mode="cli",
+                    kv_cache=session.kv_cache, eog_ids=tok.eog_ids, pad_id=tok.pad_id or 0)
+    if live is not None:
+        live.start()
+    try:
+        for event in events:
+            kind = type(event).__name__
+            if session.trace is not None:
+                write_trace(session.trace, event)
+            if kind == "StepEvent":
+                progress.step(event)
+                if live is not None:
+                    live.on_step(event)
+            elif kind == "CanvasEvent":
+                raw += decoder.feed(event.tokens)
+                if event.ended:
+                    raw += decoder.flush()
+                shown = raw if show_thinking else split_thinking(raw)[1]
+                delta, printed = shown[printed:], len(shown)
+                if live is not None:
+                    live.on_canvas(event, delta, in_thought=_ends_in_thought(raw))
+                elif not opts.json:
+                    progress.close()
+                    out.write(delta)
+                    out.flush()
+            else:
+                done = event
+    finally:
+        progress.close()
+        if live is not None:
+            live.stop()
+            out.write(live.pending_text())
+    thinking, answer = split_thinking(raw)
+    if not opts.json:
+        shown = raw if show_thinking else answer
+        if not shown.endswith("\n"):
+            out.write("\n")
+        out.flush()
+    return TurnResult(raw, answer, thinking, done.tokens, done.stats, len(prompt_ids),
+                      1000.0 * (time.perf_counter() - t0))
+
+
+def _ends_in_thought(text: str) -> bool:
+    from ..text.chat import CHANNEL_CLOSE, CHANNEL_OPEN
+    return text.rfind(CHANNEL_OPEN) > text.rfind(CHANNEL_CLOSE)
+
+
+def write_trace(fh, event) -> None:
+    kind = type(event).__name__
+    if kind == "StepEvent":
+        rec = {"event": "step", "canvas": event.canvas, "step": event.step, "steps": event.steps,
+               "temperature": event.temperature, "stable": bool(event.stable),
+               "elapsed_ms": round(event.elapsed_ms, 3), "argmax": event.argmax.tolist(),
+               "accepted": [int(a) for a in event.accepted.tolist()],
+               "entropy": [round(float(h), 6) for h in event.entropy.tolist()]}
+    elif kind == "CanvasEvent":
+        rec = {"event": "canvas", "canvas": event.canvas, "tokens": list(event.tokens),
+               "canvas_ids": list(event.canvas_ids), "steps": event.steps, "ended": event.ended,
+               "reason": event.reason, "elapsed_ms": round(event.elapsed_ms, 3)}
+    else:
+        rec = {"event": "done", "tokens": list(event.tokens), "stats": event.stats.to_dict()}
+    fh.write(json.dumps(rec) + "\n")
+
+
+def report(session: Session, result: TurnResult) -> None:
+    """End-of-turn output: --json's one object on stdout, or the statistics on stderr."""
+    opts, st = session.opts, result.stats
+    if opts.json:
+        obj = {"text": result.text if opts.show_thinking else result.answer,
+               "thinking": result.thinking, "tokens": result.tokens, "seed": opts.seed,
+               "prompt_tokens": result.prompt_tokens, "stats": st.to_dict()}
+        session.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        session.stdout.flush()
+    if opts.no_perf:
+        return
+    for line in stats_lines(st, session.canvas_length, result.total_ms):
+        log(line)
+
+
+def stats_lines(st, C: int, total_ms: float) -> list[str]:
+    """llama-diffusion-cli's two lines (§E; note its throughput counts whole canvases), then
+    diffcli's honest line: emitted tokens only, time to first canvas, ms/step, steps/canvas."""
+    steps, blocks = st.steps, st.canvases
+    per_step = st.step_ms / steps if steps else 0.0
+    n = C * blocks
+    tput = 1000.0 * n / total_ms if total_ms > 0 else 0.0
+    parallel = 1000.0 * C / per_step if per_step > 0 else 0.0
+    spb = steps / blocks if blocks else 0.0
+    emitted = 1000.0 * st.emitted_tokens / total_ms if total_ms > 0 else 0.0
+    first = st.first_canvas_ms if st.first_canvas_ms is not None else 0.0
+    return [
+        f"total time: {total_ms:.2f}ms, time per step: {per_step:.2f}ms ({steps} steps over "
+        f"{blocks} blocks, entropy-bound)",
+        f"throughput: {tput:.1f} tok/s ({n} tok in {total_ms:.2f}ms), in-step parallel "
+        f"{parallel:.0f} tok/s ({C}-tok canvas x {spb:.1f} steps/block)",
+        f"diffcli: emitted {st.emitted_tokens} tok = {emitted:.1f} tok/s; first canvas after "
+        f"{first:.0f}ms; prefill {st.prefill_ms:.0f}ms ({st.prompt_tokens} tok); {per_step:.1f} "
+        f"ms/step; {spb:.1f} steps/canvas; stop: {st.stop_reason}",
+    ]
