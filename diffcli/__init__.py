@@ -16,9 +16,9 @@ _API = {
     "convert": "gguf.convert",
     "ModelConfig": "model.config",
     "load": "model.diffusion_gemma",
-    "SamplerConfig": "generate.sampler",
-    "generate": "generate.loop",
-    "stream": "generate.loop",
+    "SamplerConfig": "generation.sampler",
+    "generate": "generation.loop",
+    "stream": "generation.loop",
     "Tokenizer": "text.tokenizer",
     "DiffcliError": "errors",
 }

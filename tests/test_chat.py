@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from diffcli.errors import InputError
-from diffcli.generate.prefix import PrefixCachedModel
+from diffcli.generation.prefix import PrefixCachedModel
 from diffcli.text.chat import GEMMA4_TEMPLATE, ChatTemplate, Conversation, encode_prompt, split_thinking
 from diffcli.text.tokenizer import Tokenizer
 from _toyvocab import write_toy_gguf

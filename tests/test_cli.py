@@ -10,7 +10,7 @@ import torch
 import diffcli
 from diffcli.text.chat import ChatTemplate, Conversation, split_thinking
 from diffcli.cli.run import run_cmd
-from diffcli.generate.loop import CanvasEvent, Done, GenerationStats, StepEvent, generate
+from diffcli.generation.loop import CanvasEvent, Done, GenerationStats, StepEvent, generate
 from diffcli.text.tokenizer import Tokenizer
 from _cli_fixtures import FAST, make_model, run, trace_records, with_metadata
 

@@ -23,8 +23,8 @@ import pytest  # noqa: E402
 
 import diffcli  # noqa: E402
 from diffcli.compute.backend import set_backend  # noqa: E402
-from diffcli.generate.loop import StepEvent, generate, stream  # noqa: E402
-from diffcli.generate.sampler import SamplerConfig, token_entropy  # noqa: E402
+from diffcli.generation.loop import StepEvent, generate, stream  # noqa: E402
+from diffcli.generation.sampler import SamplerConfig, token_entropy  # noqa: E402
 
 pytest.importorskip("triton")
 pytest.importorskip("transformers")     # make_tiny_gguf builds the tiny model with it

@@ -15,8 +15,8 @@ import torch
 
 import diffcli
 from diffcli.errors import InputError
-from diffcli.generate.loop import CanvasEvent, Done, StepEvent, generate, stream
-from diffcli.generate.sampler import SamplerConfig, trim_cli
+from diffcli.generation.loop import CanvasEvent, Done, StepEvent, generate, stream
+from diffcli.generation.sampler import SamplerConfig, trim_cli
 
 transformers = pytest.importorskip("transformers")
 

@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import diffcli  # noqa: E402
 from diffcli.compute import graphs  # noqa: E402
 from diffcli.compute.backend import set_backend  # noqa: E402
-from diffcli.generate.loop import StepEvent, stream  # noqa: E402
-from diffcli.generate.sampler import SamplerConfig  # noqa: E402
+from diffcli.generation.loop import StepEvent, stream  # noqa: E402
+from diffcli.generation.sampler import SamplerConfig  # noqa: E402
 
 pytest.importorskip("transformers")     # make_tiny_gguf builds the tiny model with it
 

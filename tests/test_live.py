@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from diffcli.generate.loop import CanvasEvent, StepEvent
+from diffcli.generation.loop import CanvasEvent, StepEvent
 from diffcli.cli.live import (STYLE_ACCEPTED, STYLE_SETTLED, STYLE_THINKING, LiveView, ProgressLine,
                           renoised_style)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffcli.errors import InputError
-from diffcli.generate.sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise,
+from diffcli.generation.sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise,
                              should_stop, temperature_at, token_entropy, trim_cli, trim_eos_pad)
 
 hfgen = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")
@@ -235,7 +235,7 @@ def test_sample_is_torch_multinomial(C, V, scale, path, monkeypatch):
     peaked and flat distributions, exact zeros included, over several seeds in a row; both with
     the native library where it is built ("default") and on the torch-only path."""
     from diffcli.compute import native
-    from diffcli.generate.sampler import sample
+    from diffcli.generation.sampler import sample
     if path == "torch":
         monkeypatch.setattr(native, "sample", lambda probs, gen: None)
     data = torch.Generator().manual_seed(C * V)

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from ..gguf import quants
-from ..model.config import ARCH, ModelConfig
 from ..errors import DiffcliError, InputError
+from ..gguf import quants
 from ..gguf.reader import GGUFFile, open_gguf
+from ..model.config import ARCH, ModelConfig
 
 RUNTIME_CONTEXT = 4096          # tokens of KV cache assumed by the memory estimate
 _LONG_ARRAY = 8                 # arrays longer than this are summarised in the metadata view

@@ -66,11 +66,11 @@ def read_prompt(opts: RunOptions) -> str | None:
 
 
 def open_session(opts: RunOptions) -> Session:
-    from ..generate.prefix import PrefixCachedModel
-    from ..text.chat import ChatTemplate, Conversation
-    from ..model.config import ModelConfig
+    from ..generation.prefix import PrefixCachedModel
+    from ..generation.sampler import SamplerConfig
     from ..gguf.reader import open_gguf
-    from ..generate.sampler import SamplerConfig
+    from ..model.config import ModelConfig
+    from ..text.chat import ChatTemplate, Conversation
     from ..text.tokenizer import Tokenizer
 
     opts.validate()
@@ -177,8 +177,7 @@ def load_model(opts: RunOptions, device: str):
     if opts.threads > 0:
         import torch
         torch.set_num_threads(opts.threads)
-    from ..compute.backend import DTYPES
-    model = load(opts.model, device=device, dtype=DTYPES.get(opts.dtype),
+    model = load(opts.model, device=device, dtype=opts.dtype,
                  n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe or 0,
                  override_tensor=tuple(opts.override_tensor), mmap=not opts.no_mmap)
     if opts.no_cuda_graphs:

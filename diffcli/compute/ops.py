@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..gguf import quants
-from .backend import backend_for
 from ..gguf.qtensor import QTensor
+from .backend import backend_for
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32,

@@ -28,8 +28,8 @@ import torch
 
 from ..errors import InputError
 from .events import CanvasEvent, Done, GenerationResult, GenerationStats, StepEvent
-from .sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise, sample,
-                      should_stop, temperature_at, token_entropy, trim_cli, trim_eos_pad)
+from .sampler import (SamplerConfig, entropy_bound_accept, is_stable, renoise, sample, should_stop,
+                      temperature_at, token_entropy, trim_cli, trim_eos_pad)
 
 __all__ = ["stream", "generate", "StepEvent", "CanvasEvent", "Done", "GenerationStats",
            "GenerationResult"]

@@ -20,8 +20,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..errors import InputError
-from .quantize import BLOCK, can_quantize, quantize
 from .convert_vocab import Vocab, read_hf_tokenizer
+from .quantize import BLOCK, can_quantize, quantize
 
 ARCH = "diffusion-gemma"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_k_m")

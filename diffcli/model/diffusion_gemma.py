@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from ..compute import graphs, ops
-from ..compute.backend import (_triton_available, backend_for, default_dtype, keep_freed_memory,
-                      triton_interpret)
-from .config import ModelConfig
-from ..gguf.reader import open_gguf
-from .layers import attention, rms, rotate_half, softcap_
+from ..compute.backend import (DTYPES, _triton_available, backend_for, default_dtype,
+                               keep_freed_memory, triton_interpret)
+from ..errors import InputError
 from ..gguf.qtensor import QTensor
+from ..gguf.reader import open_gguf
+from .config import ModelConfig
+from .layers import attention, rms, rotate_half, softcap_
 from .weights import LayerWeights, Weights, load_weights, validate
 
 
@@ -416,7 +417,7 @@ class _PerDevice:
         return self.copies[dev]
 
 
-def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          cache_embedding: bool | None = None, n_gpu_layers: int = -1, n_cpu_moe: int | None = 0,
          override_tensor=(), mmap: bool = True) -> DiffusionGemma:
     """Open a diffusion-gemma GGUF. Weights stay quantized (raw bytes where they are placed).
@@ -426,7 +427,8 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     default puts everything on `device`. Before anything is copied to a CUDA device, the bytes
     the placement needs there are checked against the free memory: a placement that cannot fit
     raises InputError naming one that does.
-    dtype: activation dtype everywhere; default per device (backend.default_dtype): bfloat16 on
+    dtype: activation dtype everywhere (a torch dtype, or "f32" / "bf16" / "f16"; None or "auto":
+    the default); default per device (backend.default_dtype): bfloat16 on
     accelerators and on CPUs with bf16 dot products, float32 on other CPUs. float32 on the CPU
     reproduces transformers' fp32 logits to ~1e-5.
     cache_embedding: keep a dequantized copy of the tied embedding for the head and
@@ -437,6 +439,11 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | None = N
     """
     from .placement import canonical, check_fits, plan_placement
     device = canonical(device)
+    if isinstance(dtype, str):
+        if dtype != "auto" and dtype not in DTYPES:
+            raise InputError(f"unknown activation dtype {dtype!r}",
+                             fix=f"use auto or one of {', '.join(DTYPES)}")
+        dtype = DTYPES.get(dtype)
     f = open_gguf(path)
     cfg = ModelConfig.from_gguf(f)
     validate(f, cfg)

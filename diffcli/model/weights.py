@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
 from ..errors import InputError
-from ..gguf.reader import GGUFFile
 from ..gguf.qtensor import QTensor
+from ..gguf.reader import GGUFFile
+from .config import ModelConfig
 
 # The types a real diffusion-gemma GGUF uses (spec §A.4: Q4_K_M needs Q4_K/Q6_K/Q5_0/Q8_0/F32,
 # Q8_0 needs Q8_0/F32) plus the float types of BF16/F16 conversions.

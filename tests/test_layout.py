@@ -1,0 +1,202 @@
+"""The package layout: imports run one way, with no circles, read from the source (ast, nothing is
+imported), and the public API the README shows is importable.
+
+Layers, bottom to top (a module may import its own package and any package of a lower rank):
+
+    errors, kernels                       0   (kernels import nothing from diffcli)
+    gguf                                  1   file format, block formats, QTensor, conversion
+    compute                               2   backend choice, quantized ops, native loader, graphs
+    model                                 3   config, weights, placement, layers, the passes
+    generation, text                      4   sampler + loop; tokenizer + chat template (apart)
+    cli, serve                            5   front ends
+    testing, the package root             6   fixtures; the lazy public API
+
+Front ends never reach into compute or the kernels: they call the model and the generation loop.
+`from diffcli import load` style imports (the root's lazy API, `_API` in diffcli/__init__.py) count
+as imports of the module the name lives in.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RANK = {"errors": 0, "kernels": 0, "gguf": 1, "compute": 2, "model": 3, "generation": 4,
+        "text": 4, "cli": 5, "serve": 5, "testing": 6, "": 6}
+FRONT_ENDS, BELOW_THE_MODEL = {"cli", "serve"}, {"compute", "kernels"}
+
+
+def module_files(pkg_dir: Path, kernels_dir: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for diffcli/ and kernels/ (installed as diffcli.kernels)."""
+    out = {}
+    for base, prefix in ((pkg_dir, "diffcli"), (kernels_dir, "diffcli.kernels")):
+        for path in base.rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = path
+    return out
+
+
+def api_table(init: Path) -> dict[str, str]:
+    """The root's lazy API: public name -> module (relative to diffcli)."""
+    for node in ast.walk(ast.parse(init.read_text())):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_API" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path], api: dict[str, str]) -> set[str]:
+    """Every diffcli module `name` imports, at module level or inside functions."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    found = set()
+
+    def resolve(mod: str, level: int) -> str:
+        if level == 0:
+            return mod
+        base = package.split(".")
+        base = base[:len(base) - (level - 1)]
+        return ".".join(base + ([mod] if mod else []))
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = resolve(node.module or "", node.level)
+            targets = []
+            for alias in node.names:
+                sub = f"{mod}.{alias.name}"
+                if sub in modules:
+                    targets.append(sub)                       # from pkg import module
+                elif mod == "diffcli" and alias.name in api:
+                    targets.append("diffcli." + api[alias.name])   # the root's lazy API
+                else:
+                    targets.append(mod)
+        else:
+            continue
+        for t in targets:
+            while t and t not in modules:                     # diffcli.x.y.attr -> diffcli.x.y
+                t = t.rpartition(".")[0]
+            if t.startswith("diffcli") and t != name:
+                found.add(t)
+    return found
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else ""
+
+
+def violations(pkg_dir: Path, kernels_dir: Path) -> list[str]:
+    """Upward or sideways imports between layers, and import circles (as readable lines)."""
+    modules = module_files(pkg_dir, kernels_dir)
+    api = api_table(pkg_dir / "__init__.py")
+    graph = {m: imports_of(m, p, modules, api) for m, p in modules.items()}
+    problems = []
+    for mod, deps in sorted(graph.items()):
+        a = layer(mod)
+        for dep in sorted(deps):
+            b = layer(dep)
+            if dep == "diffcli" or (a != b and RANK[b] >= RANK[a]) or \
+                    (a in FRONT_ENDS and b in BELOW_THE_MODEL):
+                problems.append(f"{mod} imports {dep} ({a or 'root'} -> {b or 'root'})")
+    # circles, package __init__ files included (importing a submodule runs its package first)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph.get(m, ())):
+            if state.get(d) == 1:
+                problems.append("circle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            elif d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return problems
+
+
+def test_imports_run_one_way_without_circles():
+    assert violations(ROOT / "diffcli", ROOT / "kernels") == []
+
+
+def test_no_runtime_module_imports_the_test_fixtures():
+    modules = module_files(ROOT / "diffcli", ROOT / "kernels")
+    api = api_table(ROOT / "diffcli" / "__init__.py")
+    users = [m for m, p in modules.items() if m != "diffcli.testing"
+             and "diffcli.testing" in imports_of(m, p, modules, api)]
+    assert users == []
+
+
+@pytest.fixture
+def tree_copy(tmp_path):
+    pkg, kern = tmp_path / "diffcli", tmp_path / "kernels"
+    shutil.copytree(ROOT / "diffcli", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "kernels", kern, ignore=shutil.ignore_patterns("__pycache__", "build"))
+    return pkg, kern
+
+
+def plant(path: Path, line: str, inside_function: bool = False) -> None:
+    text = path.read_text()
+    if inside_function:
+        line = f"def _planted():\n    {line}\n"
+    path.write_text(text + "\n" + line + "\n")
+
+
+@pytest.mark.parametrize("target,line,inside,expect", [
+    ("gguf/reader.py", "from ..cli import main", False, "diffcli.gguf.reader imports diffcli.cli.main"),
+    ("compute/ops.py", "from ..model.config import ModelConfig", True,
+     "diffcli.compute.ops imports diffcli.model.config"),
+    ("generation/loop.py", "from ..text.tokenizer import Tokenizer", False,
+     "diffcli.generation.loop imports diffcli.text.tokenizer"),
+    ("model/weights.py", "from .. import stream", True,
+     "diffcli.model.weights imports diffcli.generation.loop"),
+    ("gguf/quants.py", "from ..testing import toy_vocab", True, "diffcli.gguf.quants imports diffcli.testing"),
+    ("cli/session.py", "from ..compute.backend import DTYPES", True,
+     "diffcli.cli.session imports diffcli.compute.backend"),
+])
+def test_checker_catches_a_planted_upward_import(tree_copy, target, line, inside, expect):
+    pkg, kern = tree_copy
+    plant(pkg / target, line, inside)
+    found = violations(pkg, kern)
+    assert any(v.startswith(expect) for v in found), found
+
+
+def test_checker_catches_a_planted_circle(tree_copy):
+    pkg, kern = tree_copy
+    plant(pkg / "compute" / "native.py", "from .ops import qlinear", inside_function=True)
+    found = violations(pkg, kern)
+    assert any(v.startswith("circle:") and "diffcli.compute.native" in v and "diffcli.compute.ops" in v
+               for v in found), found
+
+
+def test_kernels_import_nothing_from_diffcli(tree_copy):
+    pkg, kern = tree_copy
+    plant(kern / "vocab.py", "from diffcli.gguf import quants", inside_function=True)
+    assert any(v.startswith("diffcli.kernels.vocab imports diffcli.gguf.quants")
+               for v in violations(pkg, kern))
+
+
+def test_public_api_shown_in_the_readme_is_importable():
+    import diffcli
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    shown = set(re.findall(r"\bdiffcli\.([A-Za-z_]\w*)", block))
+    assert {"load", "Tokenizer", "generate", "stream", "open_gguf", "SamplerConfig",
+            "convert"} <= shown
+    for name in sorted(shown | set(diffcli.__all__)):
+        assert callable(getattr(diffcli, name)), name
+    import diffcli.generation.loop  # noqa: F401  (a subpackage must not shadow an API name)
+    import diffcli.gguf.convert  # noqa: F401
+    for name in diffcli.__all__:
+        assert callable(getattr(diffcli, name)), name
