@@ -1,6 +1,6 @@
 """Dequantise ggml blocks on the GPU: raw uint8 blocks -> fp32/fp16/bf16 values.
 
-Layouts are drawn in diffcli/quants.py (the torch reference each decoder here must equal). The
+Layouts are drawn in diffcli/gguf/quants.py (the torch reference each decoder here must equal). The
 float arithmetic follows the same order, e.g. Q4_K is `(d*sc)*q - (dmin*m)`, so fp32 output is
 bit-exact with the reference and with `gguf.quants.dequantize`.
 

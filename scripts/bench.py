@@ -21,7 +21,7 @@ Sections (each a table; --json/--csv write every row):
   ran: "fused" (kernels/vocab.py via model.denoise_fused: what generation uses on CUDA with the
   triton backend) or "unfused" (model.denoise's torch head, then the sampler's softmax); where
   the fused head is on, the fused step and an "(unfused head)" generate row are added. The
-  `graphs` column says whether self-conditioned steps replayed a CUDA graph (diffcli/graphs.py);
+  `graphs` column says whether self-conditioned steps replayed a CUDA graph (diffcli/compute/graphs.py);
   where graphs are possible, steps and generation are also timed with them off.
 - share: each kernel's share of one denoising step's GPU time (torch.profiler).
 

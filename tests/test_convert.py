@@ -1,7 +1,7 @@
 """diffcli convert: HF checkpoint (transformers 5.23.0 tiny model) -> GGUF in the PR #24423 layout.
 
 The expected layout below is written from spec §A (names, dims, keys), independently of
-diffcli/converter.py (the name table is shared with the model tests: tests/_spec_names.py);
+diffcli/gguf/convert.py (the name table is shared with the model tests: tests/_spec_names.py);
 files are read back with `gguf.GGUFReader` (the gguf-py oracle), not our parser.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CUDA graphs for the canvas step (diffcli/graphs.py; issue 6, item 3).
+"""CUDA graphs for the canvas step (diffcli/compute/graphs.py; issue 6, item 3).
 
 On the CPU, `StepGraph` is driven with `GraphLike`, a stand-in with a graph's semantics: what is
 captured reads the static inputs and the cache snapshot it was recorded with, and every replay

@@ -1,4 +1,4 @@
-// C ABI of the diffcli native CPU kernels (loaded from Python with ctypes, see diffcli/native.py).
+// C ABI of the diffcli native CPU kernels (loaded from Python with ctypes, see diffcli/compute/native.py).
 //
 // Weights stay in their ggml blocks; a matmul dequantizes one tile of weight rows at a time into a
 // small fp32 scratch and reuses it for every activation row. Legend: T activation rows, K
