@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import diffcli
+from diffcli.errors import InputError
 from diffcli.model import placement
 from diffcli.errors import InputError
 from diffcli.gguf.reader import TensorInfo, open_gguf
@@ -275,18 +276,26 @@ def test_cli_too_big_placement_exits_2(tiny, monkeypatch):
 
 def test_cli_passes_placement_flags(tiny, monkeypatch):
     """The flags reach diffcli.load (none is logged as ignored) and the run still answers."""
-    seen = {}
+    seen, loaded = {}, []
     real = diffcli.load
 
     def spy(path, **kw):
         seen.update(kw)
-        return real(path, **kw)
+        loaded.append(real(path, **kw))
+        return loaded[-1]
 
     monkeypatch.setattr(diffcli, "load", spy)
     result = run(["-m", tiny, "-p", "hi", "--device", "cpu", "--no-perf", "-n", "16",
                   "--diffusion-eb-max-steps", "2", "-ngl", "2", "--n-cpu-moe", "1",
                   "-ot", "attn_q=CPU", "--no-mmap", "--dtype", "f32"])
     assert result.exit_code == 0, result.stderr
-    assert seen == dict(device="cpu", dtype=torch.float32, n_gpu_layers=2, n_cpu_moe=1,
+    assert seen == dict(device="cpu", dtype="f32", n_gpu_layers=2, n_cpu_moe=1,
                         override_tensor=("attn_q=CPU",), mmap=False)
+    assert loaded[0].dtype == torch.float32          # load() maps the flag's name to the dtype
     assert "ignored" not in result.stderr
+
+
+def test_load_takes_the_dtype_by_name(tiny):
+    assert diffcli.load(tiny, device="cpu", dtype="bf16").dtype == torch.bfloat16
+    with pytest.raises(InputError, match="unknown activation dtype 'f64'"):
+        diffcli.load(tiny, device="cpu", dtype="f64")
