@@ -45,7 +45,8 @@ def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
     if backend == "triton":
         from ..kernels import qmatmul as fused
         if w.qtype in fused.SUPPORTED:
-            return fused.qmatmul(x, w)
+            from ..kernels import select          # today's kernel, or the one measured faster
+            return select.qmatmul(x, w)
     if backend == "native":
         from . import native
         if native.supports(w.qtype, x.dtype):
@@ -64,8 +65,8 @@ def moe_experts(x: torch.Tensor, gate_up: QTensor | torch.Tensor, down: QTensor 
     if backend == "triton" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
         from ..kernels import qmatmul as fused
         if gate_up.qtype in fused.SUPPORTED and down.qtype in fused.SUPPORTED:
-            from ..kernels.moe import moe_triton
-            return moe_triton(x, gate_up, down, ids, weights)
+            from ..kernels import select
+            return select.moe(x, gate_up, down, ids, weights)
     if backend == "native" and isinstance(gate_up, QTensor) and isinstance(down, QTensor):
         from . import native
         if native.supports(gate_up.qtype, x.dtype) and native.supports(down.qtype, x.dtype):
