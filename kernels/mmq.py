@@ -30,15 +30,17 @@ kernels/select.py says which serves which shape; today's kernels stay the defaul
 Numerics, against the product of x (as given) and the exactly dequantized weight, with
 u = 2^-8 (bf16's unit roundoff) and sums in fp32:
 - today's bf16 path rounds each weight to bf16 (error <= u|w|) and the output (<= u|y|); its
-  relative error on random data is ~2.3e-3.
+  relative error on random data is ~2.3e-3 (H100, scripts/bench_notes.md).
 - ACT 0 rounds no weight: q is exact, x*q is exact in fp32, the scales are applied in fp32. What
-  is left is the output rounding: ~0.7x today's error.
+  is left is the output rounding: ~0.55-0.7x today's error. The +128 bias of the operand makes
+  the fp32 sums cancel ~15x (5e-6 relative at K = 256): invisible under a bf16 output, but it is
+  why select.py applies its choices to bf16/fp16 activations only.
 - ACT 1 adds the int8 rounding of x, uniform within +-d/2: relative rms about
   max|x_g| / (127 sqrt(12) rms(x)), 5.5e-3 for Gaussian groups (max ~2.4 sigma), 9e-3 for
-  heavier-tailed ones such as the MoE's gelu(g)*u. That is 2.4-3.9x today's error: outside the
-  1.5x that issue 17 allows, so select.py never picks it unless told to; it is here to measure
-  what llama.cpp's exact choice costs and saves.
-- ACT 2 leaves a residual within +-d/508: 254x smaller, below the output rounding (~0.7x today).
+  heavier-tailed ones such as the MoE's gelu(g)*u. That is 2.4-3.9x today's error on such data
+  (float64 simulation, K = 2816): outside the 1.5x that issue 17 allows, so gpu_check.py never
+  picks it; it is here to measure what llama.cpp's exact choice costs and saves.
+- ACT 2 leaves a residual within +-d/508: 254x smaller, below the output rounding (~0.55-0.7x).
 tests/test_mmq_triton.py derives each bound from these terms on the test's own data.
 
 int32 range (ACT 2): |<q1, q>| <= 32*127*128 = 520,192, so 254 <q1, q> + <q2, q> < 2^31.
@@ -83,11 +85,11 @@ def _quantize_kernel(x_ptr, q_ptr, d_ptr, s_ptr, G, stride_x, plane,
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
     v = x * inv[:, None]
     q1 = tl.floor(v + 0.5)
-    K = G.to(tl.int64) * 32
-    tl.store(q_ptr + t * K + off, q1.to(tl.int8), mask=m)
+    row = t * G * 32                                                   # int64: t is
+    tl.store(q_ptr + row + off, q1.to(tl.int8), mask=m)
     if PLANES == 2:
         q2 = tl.floor((v - q1) * 254.0 + 0.5)
-        tl.store(q_ptr + plane + t * K + off, q2.to(tl.int8), mask=m)
+        tl.store(q_ptr + plane + row + off, q2.to(tl.int8), mask=m)
         d = amax / (127.0 * 254.0)
     else:
         d = amax / 127.0
@@ -128,7 +130,7 @@ def _act_group(x_ptr, xq_ptr, xd_ptr, xs_ptr, arow, amask, g, G, stride_x, plane
         xd = tl.zeros_like(arow).to(tl.float32)
         xs = xd
     else:
-        off = arow[:, None] * (G.to(tl.int64) * 32) + g * 32 + i
+        off = arow[:, None] * G * 32 + g * 32 + i          # int64 from arow (G may be a constexpr 1)
         xa = tl.load(xq_ptr + off, mask=m, other=0)
         if ACT == 2:
             xb = tl.load(xq_ptr + plane + off, mask=m, other=0)
@@ -195,13 +197,13 @@ def _w_group(w0, w1, w2, w3, w4, w5, row, rmask, g, G, row_bytes,
             b = d * _i8(w0, base + 193 + 2 * s, rmask).to(tl.float32)
     else:
         if QT == 0:
-            q = tl.load(w0 + row[:, None] * (G.to(tl.int64) * 32) + g * 32 + i, mask=m,
+            q = tl.load(w0 + row[:, None] * G * 32 + g * 32 + i, mask=m,
                         other=0).to(tl.int32)
             a = tl.load(w4 + row * G + g, mask=rmask, other=0.0).to(tl.float32)
             b = a * 0.0
         else:
-            pairs = (G.to(tl.int64) + 1) // 2
-            nib = (_u8(w0, row[:, None] * (pairs * 32) + (g // 2) * 32 + i, m)
+            pairs = (G + 1) // 2
+            nib = (_u8(w0, row[:, None] * pairs * 32 + (g // 2) * 32 + i, m)
                    >> (4 * (g % 2))) & 15
             if QT == 1:
                 qh = tl.load(w1 + row * G + g, mask=rmask, other=0)
@@ -216,7 +218,7 @@ def _w_group(w0, w1, w2, w3, w4, w5, row, rmask, g, G, row_bytes,
                     * _u8(w3, row * G + g, rmask).to(tl.float32)
                 q = nib
             else:
-                top = (_u8(w1, row[:, None] * (pairs * 16) + (g // 2) * 16 + i % 16, m)
+                top = (_u8(w1, row[:, None] * pairs * 16 + (g // 2) * 16 + i % 16, m)
                        >> (4 * (g % 2) + 2 * (i // 16))) & 3
                 q = nib | (top << 4)
                 d = tl.load(w4 + row * (G // 8) + g // 8, mask=rmask, other=0.0).to(tl.float32)

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .mmq import (VARIANTS, _act_group, _dot_group, _w_group, check_weight, packed_of,
-                  quantize_act, weight_args)
+from .mmq import (VARIANTS, _act_group, _dot_group, _w_group, check_weight, quantize_act,
+                  weight_args)
 from .moe import _gelu_tanh, _tile_rows, route
 from .qmatmul import QTYPE_ID, dot_f32
 
@@ -144,8 +144,3 @@ def moe_grouped(x: torch.Tensor, gate_up, down, ids: torch.Tensor, weights: torc
         num_warps=cfg["down_warps"], **common)
     return y.view(T, A, K).sum(dim=1).to(x.dtype)
 
-
-def prepare(w, variant: str):
-    """Make the weight's repacked planes now (at load time) if `variant` reads them."""
-    if VARIANTS[variant][1] == 1:
-        packed_of(w)
