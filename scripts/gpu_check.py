@@ -11,6 +11,10 @@ items, and whatever was measured is written (JSON and markdown after every secti
   full-shape synthetic Q4_K_M file (synth_gguf.py, ~16.8 GB in --tmp), and workers that compile
   every kernel the sweep times (Triton's on-disk cache is shared), so the timed sections mostly
   find their kernels compiled. Timing starts only after the tests and the compilers are done.
+- numerics: every grouped variant's relative error next to today's bf16 kernel, one small shape
+  per weight type (runs on the CPU too: `python scripts/gpu_check.py --only numerics`), and the
+  float64 simulation of the activation-quantization choices at K = 2816 (Gaussian and
+  heavy-tailed activations; round-to-nearest bf16 weights and outputs as on a GPU).
 - kernels: bench.py's kernel rows at real shapes (today's fused qmatmul and MoE against the torch
   path, the fused vocabulary head, the two attention forms).
 - sweep: the grouped kernels of kernels/mmq.py (every variant, a few tile configs each) against
@@ -60,7 +64,7 @@ from diffcli.kernels.moe import moe_triton  # noqa: E402
 from diffcli.kernels.moe_mmq import moe_grouped  # noqa: E402
 from diffcli.kernels.qmatmul import qmatmul  # noqa: E402
 
-SECTIONS = ("env", "tests", "kernels", "sweep", "model", "profile")
+SECTIONS = ("env", "numerics", "tests", "kernels", "sweep", "model", "profile")
 # share of the budget per timed section (env and the background waits take what they need)
 SHARE = {"kernels": 0.12, "sweep": 0.30, "model": 0.38, "profile": 0.06}
 GPU_TEST_FILES = ["tests/test_mmq_triton.py", "tests/test_qmatmul_triton.py",
@@ -412,6 +416,45 @@ def summarize_tests(rep: Report, out: str):
         rep.add("tests", name=line)
 
 
+def section_numerics(rep: Report, device):
+    """Errors against float64: the kernels at one shape per type, and a float64 simulation."""
+    gen = torch.Generator(device=device).manual_seed(17)
+    for qtype, N, K in (("Q4_K", 64, 2816), ("Q6_K", 64, 2816), ("Q5_0", 64, 2112),
+                        ("Q8_0", 64, 2112)):
+        qt = rand_qtensor(qtype, (N, K), device, gen)
+        x = torch.randn(16, K, device=device, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ quants.dequantize_torch(qt.raw, qtype).view(N, K).double().t()
+        today = errors(qmatmul(x, qt), ref)[1]
+        row = dict(name=f"{qtype} 16x{K}->{N}", bf16_today=today)
+        for v in mmq.VARIANTS:
+            e = errors(mmq.grouped_matmul(x, qt, v), ref)[1]
+            row[v] = e
+            row[f"{v}/today"] = e / today
+        rep.add("numerics", **row)
+    # float64 simulation: x @ w with w Gaussian, bf16 rounding to nearest even as on a GPU
+    g = torch.Generator().manual_seed(18)
+    T, K, N = 64, 2816, 512
+    for dist in ("gaussian", "heavy-tailed"):
+        x = torch.randn(T, K, generator=g, dtype=torch.float64)
+        if dist == "heavy-tailed":                     # like gelu(g) * u: a product of Gaussians
+            x = x * torch.randn(T, K, generator=g, dtype=torch.float64).abs() ** 2
+        x = x.to(torch.bfloat16).double()
+        w = torch.randn(N, K, generator=g, dtype=torch.float64) * 0.02
+        ref = x @ w.t()
+        rel = lambda y: ((y.to(torch.bfloat16).double() - ref).norm() / ref.norm()).item()  # noqa
+        today = rel(x @ w.to(torch.bfloat16).double().t())
+        grp = x.view(T, K // 32, 32)
+        d = grp.abs().amax(-1, keepdim=True) / 127
+        q1 = torch.round(grp / d)
+        q2 = torch.round((grp / d - q1) * 254)
+        row = dict(name=f"float64 simulation, {dist} x, K={K}", bf16_today=today,
+                   mmq1=rel((q1 * d).view(T, K) @ w.t()),
+                   mmq=rel(((q1 + q2 / 254) * d).view(T, K) @ w.t()), exact=rel(ref))
+        for v in ("mmq1", "mmq", "exact"):
+            row[f"{v}/today"] = row[v] / today
+        rep.add("numerics", **row)
+
+
 def section_kernels(rep: Report, device, dtype, deadline: float, tiny: bool, reps: int):
     """bench.py's kernel rows (today's kernels against the torch path), within the deadline."""
     steps = []
@@ -676,6 +719,7 @@ def main(argv=None) -> int:
             rep.write()
 
     run("env", lambda: section_env(rep, device))
+    run("numerics", lambda: section_numerics(rep, device))
     want_model = "model" in only or "profile" in only
     procs = start_background(args, rep, "tests" in only and CUDA,
                              want_model and args.model is None,
