@@ -205,9 +205,10 @@ def copies_of(qt, n: int):
 
 def sweep_plan(tiny: bool) -> list[dict]:
     """Items in priority order: the experts first (they are ~90% of the bytes), then projections."""
-    plan = []
+    moe, dense = [], []
     moe_shapes = MOE_SHAPES[:2] if tiny else MOE_SHAPES
-    dense = TINY_DENSE if tiny else DENSE_SHAPES
+    dense_shapes = TINY_DENSE if tiny else DENSE_SHAPES
+    plan = moe
     for gu, dn in moe_shapes:
         plan.append(dict(op="moe", types=(gu, dn), variant="bf16", cfg={}))
         for v in MAIN_VARIANTS:
@@ -215,14 +216,15 @@ def sweep_plan(tiny: bool) -> list[dict]:
                 plan.append(dict(op="moe", types=(gu, dn), variant=v, cfg=cfg))
         for v in OTHER_VARIANTS:
             plan.append(dict(op="moe", types=(gu, dn), variant=v, cfg={}))
-    for qtype, N, K in dense:
+    plan = dense
+    for qtype, N, K in dense_shapes:
         plan.append(dict(op="qmatmul", types=(qtype, N, K), variant="bf16", cfg={}))
         for v in MAIN_VARIANTS:
             for cfg in (DENSE_CFGS[:1] if tiny else DENSE_CFGS):
                 plan.append(dict(op="qmatmul", types=(qtype, N, K), variant=v, cfg=cfg))
         for v in OTHER_VARIANTS:
             plan.append(dict(op="qmatmul", types=(qtype, N, K), variant=v, cfg={}))
-    return plan
+    return dense + moe if tiny else moe + dense         # tiny: the quick ones first (CPU runs)
 
 
 class Inputs:
