@@ -85,7 +85,7 @@ def _quantize_kernel(x_ptr, q_ptr, d_ptr, s_ptr, G, stride_x, plane,
     inv = tl.where(amax > 0, 127.0 / amax, 0.0)
     v = x * inv[:, None]
     q1 = tl.floor(v + 0.5)
-    row = t * G * 32                                                   # int64: t is
+    row = t * G * 32                                  # int64 (t is); G may be a constexpr 1
     tl.store(q_ptr + row + off, q1.to(tl.int8), mask=m)
     if PLANES == 2:
         q2 = tl.floor((v - q1) * 254.0 + 0.5)
@@ -346,8 +346,8 @@ def _grouped_matmul_kernel(x_ptr, xq_ptr, xd_ptr, xs_ptr, w0, w1, w2, w3, w4, w5
 def weight_args(w, src: int):
     """(w0..w5, row_bytes) kernel arguments for a QTensor-like `w` (SRC 0) or its planes (1)."""
     if src == 0:
-        raw = w.raw
-        return (raw,) * 6, w.raw.numel() // max(1, _rows(w.shape))
+        assert not isinstance(w, Packed), "this variant reads the ggml bytes, not a Packed tensor"
+        return (w.raw,) * 6, w.raw.numel() // max(1, _rows(w.shape))
     p = packed_of(w)
     return p.planes(), 0
 
