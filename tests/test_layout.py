@@ -8,6 +8,8 @@ Which layer may import which (`MAY_IMPORT`; a module may always import its own l
     compute              backend choice, quantized ops, native loader, CUDA graphs
     model                config, weights, placement, layers, the passes
     generation           sampler + loop                 text   tokenizer + chat template
+    media                images (and data: URLs) -> the patches the vision tower reads: input
+                         handling for the front ends, like text, but needing nothing from it
     engine               what every front end shares (opening a model file with its tokenizer
                          and template, running one request); optional
     serve, cli           the front ends: cli may start the server, the server never imports cli;
@@ -35,10 +37,11 @@ MAY_IMPORT = {
     "model": {"errors", "kernels", "gguf", "compute"},
     "generation": _CORE,
     "text": {"errors", "gguf"},
-    "engine": {"errors", "gguf", "model", "generation", "text"},
-    "serve": {"errors", "gguf", "model", "generation", "text", "engine"},
-    "cli": {"errors", "gguf", "model", "generation", "text", "engine", "serve"},
-    "testing": _CORE | {"generation", "text", "engine", "serve", "cli"},
+    "media": {"errors"},
+    "engine": {"errors", "gguf", "model", "generation", "text", "media"},
+    "serve": {"errors", "gguf", "model", "generation", "text", "media", "engine"},
+    "cli": {"errors", "gguf", "model", "generation", "text", "media", "engine", "serve"},
+    "testing": _CORE | {"generation", "text", "media", "engine", "serve", "cli"},
 }
 MAY_IMPORT[""] = set(MAY_IMPORT) - {""}      # the package root: the lazy public API
 
