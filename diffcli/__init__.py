@@ -1,8 +1,8 @@
 """diffcli: run DiffusionGemma 26B-A4B block-diffusion GGUF models on your own machine.
 
 Public API (imported lazily, so `import diffcli` stays cheap):
-`open_gguf`, `load`, `generate`, `stream`, `convert`, `Tokenizer`, `SamplerConfig`, `ModelConfig`,
-`QTensor`, `DiffcliError`.
+`open_gguf`, `load`, `load_vision`, `generate`, `stream`, `convert`, `convert_mmproj`, `Tokenizer`,
+`SamplerConfig`, `ModelConfig`, `QTensor`, `DiffcliError`.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ _API = {
     "open_gguf": "gguf.reader",
     "QTensor": "gguf.qtensor",
     "convert": "gguf.convert",
+    "convert_mmproj": "gguf.mmproj",
     "ModelConfig": "model.config",
     "load": "model.diffusion_gemma",
+    "load_vision": "model.vision",
     "SamplerConfig": "generation.sampler",
     "generate": "generation.loop",
     "stream": "generation.loop",

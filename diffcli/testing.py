@@ -25,6 +25,10 @@ BASE_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 GEMMA4_SPECIALS = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>",
                    "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
 NEWLINE_RUNS = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
+# Gemma 4's image markers (begin, end, soft-token placeholder), at the ids tiny_config_dict gives
+# boi / eoi / image: vocab_size - 12, - 11, - 10.
+IMAGE_MARKERS = ["<|image>", "<image|>", "<|image|>"]
+IMAGE_MARKER_OFFSET = 12
 
 _TEXT = """\
 The sky is blue because the air scatters the short blue light of the sun more than the red light.
@@ -73,9 +77,18 @@ _CHAT_TEMPLATE = """\
 {%- for m in messages -%}
 {%- if not (loop.first and sys_first) -%}
 {%- set role = 'model' if m['role'] == 'assistant' else m['role'] -%}
-{%- if role == 'model' -%}{%- set text = strip_thinking(m['content']) -%}
-{%- else -%}{%- set text = m['content'] | trim -%}{%- endif -%}
-{{- '<|turn>' + role + '\\n' + text + '<turn|>\\n' -}}
+{{- '<|turn>' + role + '\\n' -}}
+{%- if m['content'] is string -%}
+{%- if role == 'model' -%}{{- strip_thinking(m['content']) -}}{%- else -%}{{- m['content'] | trim -}}{%- endif -%}
+{%- else -%}
+{%- for item in m['content'] -%}
+{%- if item['type'] == 'text' -%}
+{%- if role == 'model' -%}{{- strip_thinking(item['text']) -}}{%- else -%}{{- item['text'] | trim -}}{%- endif -%}
+{%- elif item['type'] == 'image' -%}{{- '\\n\\n<|image|>\\n\\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<turn|>\\n' -}}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
@@ -86,7 +99,8 @@ _CHAT_TEMPLATE = """\
 
 
 def toy_chat_template() -> str:
-    """A Gemma-4-shaped chat template written for the toy vocabulary (spec §D.3 structure)."""
+    """A Gemma-4-shaped chat template written for the toy vocabulary (spec §D.3 structure); list
+    contents render as Gemma 4's does (text items trimmed, an image item as `\\n\\n<|image|>\\n\\n`)."""
     return _CHAT_TEMPLATE
 
 
@@ -131,28 +145,43 @@ def _learn_merges(text: str, budget: int) -> tuple[list[str], list[tuple[str, st
 
 def toy_vocab(vocab_size: int = 512) -> tuple[list[str], list[str]]:
     """(tokens by id, merges "left right") of the toy vocabulary; ids past what the text can teach are
-    filled with unreachable `<unused{k}>` pieces so any `vocab_size` works."""
+    filled with unreachable `<unused{k}>` pieces so any `vocab_size` works. The image markers sit at
+    vocab_size - 12 .. - 10 (the tiny config's boi / eoi / image ids) when the vocabulary has room."""
     tokens = BASE_SPECIALS + GEMMA4_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + NEWLINE_RUNS
     if vocab_size < len(tokens) + 1:
         raise ValueError(f"vocab_size must be at least {len(tokens) + 1}")
+    markers_at = vocab_size - IMAGE_MARKER_OFFSET
+    if markers_at <= len(tokens):
+        markers_at = None
     merges = [("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n")]
     chars, learned = _learn_merges(_TEXT, vocab_size - len(tokens))
     seen = set(tokens)
+
+    def room() -> int:          # ids left for learned pieces (the markers' three are kept)
+        pending = len(IMAGE_MARKERS) if markers_at is not None and len(tokens) <= markers_at else 0
+        return vocab_size - len(tokens) - pending
+
+    def push(t: str) -> None:
+        if len(tokens) == markers_at:
+            tokens.extend(IMAGE_MARKERS)
+        tokens.append(t)
+        seen.add(t)
+
     for c in chars:
-        if c not in seen and len(tokens) < vocab_size:
-            tokens.append(c)
-            seen.add(c)
+        if c not in seen and room() > 0:
+            push(c)
     for a, b in learned:
-        if len(tokens) >= vocab_size:
+        if room() <= 0:
             break
         if a + b not in seen:
-            tokens.append(a + b)
-            seen.add(a + b)
+            push(a + b)
         merges.append((a, b))
     k = 0
-    while len(tokens) < vocab_size:
-        tokens.append(f"<unused{k}>")
+    while room() > 0:
+        push(f"<unused{k}>")
         k += 1
+    if len(tokens) == markers_at:
+        tokens.extend(IMAGE_MARKERS)
     return tokens, [f"{a} {b}" for a, b in merges]
 
 
@@ -169,7 +198,7 @@ def toy_tokenizer(vocab_size: int = 512):
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in BASE_SPECIALS + GEMMA4_SPECIALS])
+                            for t in BASE_SPECIALS + GEMMA4_SPECIALS + IMAGE_MARKERS if t in vocab])
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
                                                        special_tokens=[("<bos>", vocab["<bos>"])])
     return tok
@@ -223,15 +252,20 @@ def tiny_config_dict(variant: str = "h64", **overrides: Any) -> dict:
             "boi_token_id": v - 12, "eoi_token_id": v - 11, "image_token_id": v - 10}
 
 
-def tiny_hf_config(variant: str = "h64", **overrides: Any):
-    """The tiny `DiffusionGemmaConfig` (eager attention) of spec §G.2."""
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16)
+
+
+def tiny_hf_config(variant: str = "h64", vision: dict | None = None, **overrides: Any):
+    """The tiny `DiffusionGemmaConfig` (eager attention) of spec §G.2; `vision` overrides fields
+    of the tiny Gemma4VisionConfig (e.g. num_hidden_layers=2, standardize=True,
+    use_clipped_linears=True, patch_size=8)."""
     from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig
     from transformers.models.gemma4 import Gemma4VisionConfig
 
     d = tiny_config_dict(variant, **overrides)
     text = DiffusionGemmaTextConfig(**d["text_config"])
-    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    vision = Gemma4VisionConfig(**{**TINY_VISION, **(vision or {})})
     cfg = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=d["canvas_length"],
                                boi_token_id=d["boi_token_id"], eoi_token_id=d["eoi_token_id"],
                                image_token_id=d["image_token_id"])
@@ -252,14 +286,17 @@ def encoder_scalar(i: int) -> float:
     return 1.1 - 0.05 * i
 
 
-def build_tiny_hf_model(seed: int = 0, variant: str = "h64", **overrides: Any):
+def build_tiny_hf_model(seed: int = 0, variant: str = "h64", vision: dict | None = None,
+                        **overrides: Any):
     """transformers `DiffusionGemmaForBlockDiffusion`, fp32, eval mode, with every parameter that
-    initialises to 1 randomised and different encoder/decoder layer scalars (spec §G.1)."""
+    initialises to 1 randomised and different encoder/decoder layer scalars (spec §G.1). The vision
+    tower's norms, position tables and standardisation are randomised too (they initialise to 1 or
+    0), and clipped linears get finite bounds that clip (they initialise to +-inf)."""
     import torch
     from transformers import DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
-    model = DiffusionGemmaForBlockDiffusion(tiny_hf_config(variant, **overrides)).float().eval()
+    model = DiffusionGemmaForBlockDiffusion(tiny_hf_config(variant, vision, **overrides)).float().eval()
     rng = np.random.default_rng(seed + 1)
     with torch.no_grad():
         # named_parameters() lists each shared tensor once, so encoder and decoder stay tied
@@ -272,7 +309,33 @@ def build_tiny_hf_model(seed: int = 0, variant: str = "h64", **overrides: Any):
             layer.layer_scalar.fill_(decoder_scalar(i))
         for i, layer in enumerate(model.model.encoder.language_model.layers):
             layer.layer_scalar.fill_(encoder_scalar(i))
+        _randomise_vision(model, np.random.default_rng(seed + 2))
     return model
+
+
+# finite bounds of the clipped linears: inputs are RMS-normed (|x| ~ 1), outputs small (|y| ~ 0.1)
+CLIP_BOUNDS = {"input_min": -1.0, "input_max": 1.0, "output_min": -0.08, "output_max": 0.08}
+
+
+def _randomise_vision(model, rng: np.random.Generator) -> None:
+    import torch
+    for name, p in model.named_parameters():
+        if "vision" not in name:
+            continue
+        if name.endswith("position_embedding_table"):
+            p.copy_(torch.from_numpy(rng.standard_normal(tuple(p.shape), dtype=np.float32) * 0.5))
+        elif p.dim() == 1:      # the tower's norm weights
+            p.copy_(torch.from_numpy(_ones_like_random(tuple(p.shape), rng)))
+    for name, b in model.named_buffers():
+        if "vision" not in name:
+            continue
+        kind = name.rsplit(".", 1)[-1]
+        if kind == "std_bias":
+            b.copy_(torch.from_numpy(rng.standard_normal(tuple(b.shape), dtype=np.float32) * 0.3))
+        elif kind == "std_scale":
+            b.copy_(torch.from_numpy(_ones_like_random(tuple(b.shape), rng)))
+        elif kind in CLIP_BOUNDS:
+            b.fill_(CLIP_BOUNDS[kind])
 
 
 def save_tiny_checkpoint(model, out_dir: str | Path, tokenizer: bool = True) -> Path:
@@ -286,14 +349,19 @@ def save_tiny_checkpoint(model, out_dir: str | Path, tokenizer: bool = True) -> 
 
 
 def make_tiny_gguf(path: str | Path, outtype: str = "f32", seed: int = 0, variant: str = "h64",
-                   **overrides: Any):
-    """Build the tiny HF model, save it, convert it to `path`; returns (path, hf_model)."""
+                   mmproj: str | Path | None = None, mmproj_outtype: str = "f32",
+                   vision: dict | None = None, **overrides: Any):
+    """Build the tiny HF model, save it, convert it to `path` (and its vision tower to `mmproj`
+    when given); returns (path, hf_model)."""
     from .gguf.convert import convert
+    from .gguf.mmproj import convert_mmproj
 
-    model = build_tiny_hf_model(seed=seed, variant=variant, **overrides)
+    model = build_tiny_hf_model(seed=seed, variant=variant, vision=vision, **overrides)
     with tempfile.TemporaryDirectory(prefix="diffcli-tiny-") as tmp:
         save_tiny_checkpoint(model, tmp)
         out = convert(tmp, path, outtype, overwrite=True, name="tiny-diffusion-gemma")
+        if mmproj is not None:
+            convert_mmproj(tmp, mmproj, mmproj_outtype, overwrite=True, name="tiny-diffusion-gemma")
     return out, model
 
 

@@ -16,16 +16,25 @@ from ..gguf.convert import OUTTYPES
 @click.option("--outtype", type=click.Choice(OUTTYPES, case_sensitive=False), default="bf16",
               show_default=True, help="Tensor type of the weight matrices (norms and the router stay F32).")
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@click.option("--mmproj", is_flag=True,
+              help="Write the vision tower instead, as an mmproj file (llama.cpp's Gemma 4 vision "
+                   "layout; f32/f16/bf16/q8_0).")
 @click.option("--verbose", is_flag=True, hidden=True)
-def convert_cmd(hf_dir: Path, out: Path | None, outtype: str, force: bool, verbose: bool) -> None:
-    """Convert a Hugging Face DiffusionGemma checkpoint to a GGUF file (llama.cpp PR #24423 layout)."""
+def convert_cmd(hf_dir: Path, out: Path | None, outtype: str, force: bool, mmproj: bool,
+                verbose: bool) -> None:
+    """Convert a Hugging Face DiffusionGemma checkpoint to a GGUF file (llama.cpp PR #24423 layout),
+    or with --mmproj its vision tower to an mmproj GGUF."""
     from ..gguf.convert import convert
+    from ..gguf.mmproj import convert_mmproj
 
     outtype = outtype.lower()
     if out is None:
-        out = hf_dir / f"{hf_dir.resolve().name}-{outtype}.gguf"
+        stem = f"mmproj-{hf_dir.resolve().name}" if mmproj else hf_dir.resolve().name
+        out = hf_dir / f"{stem}-{outtype}.gguf"
     start = time.perf_counter()
-    path = convert(hf_dir, out, outtype, overwrite=force)
+    path = (convert_mmproj if mmproj else convert)(hf_dir, out, outtype, overwrite=force)
     size = path.stat().st_size
     shown = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-    click.echo(f"wrote {path} ({shown}, {outtype}) in {time.perf_counter() - start:.1f} s", err=True)
+    what = "mmproj " if mmproj else ""
+    click.echo(f"wrote {what}{path} ({shown}, {outtype}) in {time.perf_counter() - start:.1f} s",
+               err=True)

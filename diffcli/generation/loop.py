@@ -52,7 +52,7 @@ def generate(model, prompt_ids, **kwargs) -> Done:
 def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: int | None = 256,
            sampler: SamplerConfig | None = None, seed: int | None = None, mode: str = "cli",
            kv_cache: bool = True, eog_ids: Sequence[int] | None = None, blocks: int | None = None,
-           pad_id: int = 0) -> Iterator[StepEvent | CanvasEvent | Done]:
+           pad_id: int = 0, images: Sequence = ()) -> Iterator[StepEvent | CanvasEvent | Done]:
     """Generate after `prompt_ids`, yielding events.
 
     Canvases: ceil(max_new_tokens / C) when max_new_tokens > 0, else `blocks` (default 1), as
@@ -62,7 +62,8 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
     generation. mode="hf": transformers' EOS rule, the canvas after the first EOS id becomes
     `pad_id` and generation ends. `eog_ids` is the EOG (cli) or EOS (hf) set.
     kv_cache=False re-runs prefix and canvas through `model.denoise_uncached` every step.
-    seed=None draws a random seed and reports it in the stats."""
+    seed=None draws a random seed and reports it in the stats. `images`: image soft tokens at
+    spans of the prompt (`model.images.ImageSpan`), encoded with it."""
     t_start = time.perf_counter()
     if mode not in MODES:
         raise InputError(f"unknown generation mode {mode!r}", fix=f"use one of {', '.join(MODES)}")
@@ -85,7 +86,8 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
     stats = GenerationStats(seed=int(seed), mode=mode, prompt_tokens=int(prompt.numel()))
 
     t0 = time.perf_counter()
-    cache = model.encode(prompt) if kv_cache else None
+    with_images = {"images": tuple(images)} if images else {}    # models without images work too
+    cache = model.encode(prompt, **with_images) if kv_cache else None
     _sync(device)
     stats.prefill_ms = _ms(t0)
     prefix = prompt                                                  # [P] for kv_cache=False
@@ -98,10 +100,10 @@ def stream(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens: i
         if fused:
             if kv_cache:
                 return model.denoise_fused(cache, canvas, temperature, sc)
-            return model.denoise_fused_uncached(prefix, canvas, temperature, sc)
+            return model.denoise_fused_uncached(prefix, canvas, temperature, sc, **with_images)
         if kv_cache:
             return model.denoise(cache, canvas, sc)
-        return model.denoise_uncached(prefix, canvas, sc)
+        return model.denoise_uncached(prefix, canvas, sc, **with_images)
 
     tokens: list[int] = []
     for index in range(n_canvases):

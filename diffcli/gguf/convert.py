@@ -269,18 +269,10 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
     shape that `hf_shapes(hp)` gives; tensors are read one at a time, in writing order."""
     import gguf
 
-    out_path = Path(out_path)
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise InputError(f"unknown output type {outtype!r}", fix=f"use one of {', '.join(OUTTYPES)}")
-    if out_path.is_dir():
-        raise InputError("output path is a directory", path=out_path, fix="pass a file name ending in .gguf")
-    if out_path.exists() and not overwrite:
-        raise InputError("output file already exists", path=out_path,
-                         fix="pass --force to overwrite it, or choose another -o path")
-    if not out_path.parent.is_dir():
-        raise InputError("output directory does not exist", path=out_path.parent,
-                         fix="create it first, or choose another -o path")
+    out_path = check_output_path(out_path, overwrite)
 
     plan = tensor_plan(hp)
     shapes = hf_shapes(hp)
@@ -289,8 +281,41 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
 
     w = gguf.GGUFWriter(path=None, arch=ARCH)
     _add_keys(w, hp, vocab, outtype, name, gshapes)
-    for gname, shape in gshapes:
-        qtype = types[gname]
+
+    def tensors():
+        for (gname, hf_name), (_, shape) in zip(plan, gshapes):
+            data = rope_freqs(hp) if hf_name is None else np.asarray(get_tensor(hf_name), np.float32)
+            if tuple(data.shape) != shape:
+                raise InputError(f"tensor {hf_name!r} has shape {list(data.shape)} but config.json "
+                                 f"implies {list(shape)}", fix="config.json does not belong to these weights")
+            yield data
+
+    write_tensors(w, out_path, [(g, shape, types[g]) for g, shape in gshapes], tensors())
+    return out_path
+
+
+def check_output_path(out_path: str | os.PathLike, overwrite: bool) -> Path:
+    """The output path, refused before any work if it cannot be written without losing a file."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise InputError("output path is a directory", path=out_path, fix="pass a file name ending in .gguf")
+    if out_path.exists() and not overwrite:
+        raise InputError("output file already exists", path=out_path,
+                         fix="pass --force to overwrite it, or choose another -o path")
+    if not out_path.parent.is_dir():
+        raise InputError("output directory does not exist", path=out_path.parent,
+                         fix="create it first, or choose another -o path")
+    return out_path
+
+
+def write_tensors(w, out_path: Path, specs: list[tuple[str, tuple[int, ...], str]],
+                  data: Iterable[np.ndarray]) -> None:
+    """Write a GGUFWriter `w` (keys already added) with the tensors `specs` = (name, torch shape,
+    ggml type), whose float32 values `data` yields one at a time in the same order, into a
+    temporary file renamed onto `out_path` once complete (nothing is left behind on failure)."""
+    import gguf
+
+    for gname, shape, qtype in specs:
         if qtype in ("F32", "F16"):
             dt = np.float32 if qtype == "F32" else np.float16
             w.add_tensor_info(gname, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
@@ -299,19 +324,14 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
             byte_shape = (*shape[:-1], shape[-1] // per * nbytes)
             w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
                               raw_dtype=gguf.GGMLQuantizationType[qtype])
-
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".part", dir=out_path.parent)
     os.close(fd)
     try:
         w.write_header_to_file(path=Path(tmp))
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for (gname, hf_name), (_, shape) in zip(plan, gshapes):
-            data = rope_freqs(hp) if hf_name is None else np.asarray(get_tensor(hf_name), np.float32)
-            if tuple(data.shape) != shape:
-                raise InputError(f"tensor {hf_name!r} has shape {list(data.shape)} but config.json "
-                                 f"implies {list(shape)}", fix="config.json does not belong to these weights")
-            w.write_tensor_data(quantize(data, types[gname]))
+        for (_, _, qtype), values in zip(specs, data):
+            w.write_tensor_data(quantize(values, qtype))
         w.close()
         # mkstemp makes the file private (0600); give it the mode a plain open() would have
         umask = os.umask(0)
@@ -323,7 +343,6 @@ def write_gguf(out_path: str | os.PathLike, hp: HParams, get_tensor: Callable[[s
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return out_path
 
 
 def _add_keys(w, hp: HParams, vocab: Vocab | None, outtype: str, name: str,
@@ -422,7 +441,8 @@ class SafetensorsDir:
 
 def convert(hf_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f32", *,
             overwrite: bool = False, name: str | None = None) -> Path:
-    """Convert an HF DiffusionGemma directory into one GGUF file; returns the output path."""
+    """Convert an HF DiffusionGemma directory into one GGUF file; returns the output path.
+    (Its vision tower goes to an mmproj file: gguf/mmproj.py, `convert_mmproj`.)"""
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise InputError("not a directory" if hf_dir.exists() else "no such directory", path=hf_dir,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from ..errors import InputError
 from ..gguf.qtensor import QTensor
 from ..gguf.reader import open_gguf
 from .config import ModelConfig
+from .images import ImageSpan, block_ids, check_spans, chunk_bounds, in_chunk, place
 from .layers import attention, rms, rotate_half, softcap_
 from .weights import LayerWeights, Weights, load_weights, validate
 
@@ -114,34 +116,45 @@ class DiffusionGemma:
         return KVCache(empty, list(empty), list(cfg.swa_pattern), cfg.sliding_window)
 
     @torch.inference_mode()
-    def encode(self, prompt_ids: torch.Tensor) -> KVCache:
-        """Prefill: run the prompt through the encoder into a fresh cache."""
-        return self.commit(self.new_cache(), prompt_ids)
+    def encode(self, prompt_ids: torch.Tensor, images: Sequence[ImageSpan] = ()) -> KVCache:
+        """Prefill: run the prompt through the encoder into a fresh cache. `images`: soft tokens
+        standing at spans of the prompt (model/images.py)."""
+        return self.commit(self.new_cache(), prompt_ids, images)
 
     @torch.inference_mode()
-    def commit(self, cache: KVCache, block_ids: torch.Tensor) -> KVCache:
+    def commit(self, cache: KVCache, block_ids: torch.Tensor,
+               images: Sequence[ImageSpan] = ()) -> KVCache:
         """Append tokens (a finished canvas) at positions P..P+T-1 through the encoder, in place.
 
         Long inputs run in chunks of `prefill_chunk` tokens: the encoder is causal, so this is
-        exact, and it bounds the attention scores and MoE activations of a long prompt."""
+        exact, and it bounds the attention scores and MoE activations of a long prompt. An image
+        block is never cut by a chunk boundary (it attends to itself both ways)."""
         if self._step_graph is not None:
             self._step_graph.drop()     # its cache is stale now: free the graph's memory early
-        for chunk in self._ids(block_ids).split(self.prefill_chunk):
-            self._encode_chunk(cache, chunk)
+        ids = self._ids(block_ids)
+        spans = check_spans(images, ids.numel(), self.config.n_embd)
+        for lo, hi in chunk_bounds(ids.numel(), self.prefill_chunk, spans):
+            self._encode_chunk(cache, ids[lo:hi], in_chunk(spans, lo, hi))
         return cache
 
-    def _encode_chunk(self, cache: KVCache, ids: torch.Tensor) -> None:
+    def _encode_chunk(self, cache: KVCache, ids: torch.Tensor,
+                      images: Sequence[ImageSpan] = ()) -> None:
         T, P, W = ids.numel(), cache.length, self.config.sliding_window
         pos = torch.arange(P, P + T, device=self.device)                # [T]
         x = self.embed(ids) * math.sqrt(self.config.n_embd)            # [T, H]
+        x = place(x, images)                                            # soft tokens, unscaled
         rope = self._rope(pos)
-        # Causal masks (True = may attend). Cached keys sit at positions P-len..P-1.
+        blocks = block_ids(T, images, self.device)                      # [T] or None
+        # Causal masks (True = may attend), OR "same image block". Cached keys sit at positions
+        # P-len..P-1 and are never in a block of this chunk.
         masks = {}
         for kind, cached in (("full", P), ("sliding", min(P, W - 1))):
             kpos = torch.arange(P - cached, P + T, device=self.device)  # [L]
             mask = kpos[None, :] <= pos[:, None]                        # [T, L]
             if kind == "sliding":
                 mask &= kpos[None, :] > pos[:, None] - W
+            if blocks is not None:
+                mask[:, cached:] |= (blocks[:, None] == blocks[None, :]) & (blocks[:, None] >= 0)
             masks[kind] = mask
         last = self.config.n_layer - 1
         where = _PerDevice(rope, masks)
@@ -265,15 +278,18 @@ class DiffusionGemma:
 
     def denoise_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
                          sc_logits: torch.Tensor | None = None, *,
-                         sc_soft: torch.Tensor | None = None) -> torch.Tensor:
+                         sc_soft: torch.Tensor | None = None,
+                         images: Sequence[ImageSpan] = ()) -> torch.Tensor:
         """`--diffusion-kv-cache off`: re-encode the whole prefix, then one denoising step.
         Same logits as encode + denoise; costs a full prefix pass per step."""
-        return self.denoise(self.encode(prefix_ids), canvas_ids, sc_logits, sc_soft=sc_soft)
+        return self.denoise(self.encode(prefix_ids, images), canvas_ids, sc_logits, sc_soft=sc_soft)
 
     def denoise_fused_uncached(self, prefix_ids: torch.Tensor, canvas_ids: torch.Tensor,
-                               temperature: float, sc_soft: torch.Tensor | None = None, **kw):
+                               temperature: float, sc_soft: torch.Tensor | None = None, *,
+                               images: Sequence[ImageSpan] = (), **kw):
         """`denoise_fused` with the prefix re-encoded (as `denoise_uncached`)."""
-        return self.denoise_fused(self.encode(prefix_ids), canvas_ids, temperature, sc_soft, **kw)
+        return self.denoise_fused(self.encode(prefix_ids, images), canvas_ids, temperature,
+                                  sc_soft, **kw)
 
     @property
     def use_fused_head(self) -> bool:
