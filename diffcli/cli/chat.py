@@ -13,11 +13,14 @@ import time
 
 import click
 
+from ..errors import DiffcliError
+from .images import read_images
 from .session import Session, log, report, run_turn
 
 HELP = """commands:
   /help, /?     this help
   /clear        forget the conversation (the system prompt stays)
+  /image PATH   add an image to your next message (needs --mmproj)
   /exit, /quit  leave (Ctrl-D / EOF too)
   Ctrl-C        stop the current reply"""
 
@@ -29,6 +32,7 @@ def chat_loop(session: Session) -> None:
     first = session.opts.prompt_text
     if interactive:
         log("diffcli chat: type /help for commands")
+    pending = read_images(session, session.opts.image)    # --image: part of the first message
     while True:
         if first is not None:
             line, first = first, None
@@ -50,7 +54,20 @@ def chat_loop(session: Session) -> None:
             continue
         if text == "/clear":
             session.conversation.clear()
+            pending.clear()
             log("diffcli: conversation cleared")
+            continue
+        if text == "/image" or text.startswith("/image "):
+            path = text[len("/image"):].strip()
+            if not path:
+                log("diffcli: /image needs a file: /image PATH")
+                continue
+            try:        # decoded now, so a bad file is reported before the question is typed
+                pending += read_images(session, [path])
+            except DiffcliError as exc:
+                log(f"diffcli: error: {exc.message}")
+                continue
+            log(f"diffcli: {path} ({pending[-1].n_tokens} soft tokens) goes with your next message")
             continue
         if text.startswith("/") and text[1:].isalpha():
             # a mistyped command, not a question: sending "/claer" to the model helps no one
@@ -58,10 +75,16 @@ def chat_loop(session: Session) -> None:
             continue
         t0 = time.perf_counter()
         conv = session.conversation
-        conv.add_user(line.rstrip("\n"))
-        ids = conv.prompt_ids()
+        conv.add_user(line.rstrip("\n"), images=pending)
+        pending = []
         try:
-            result = run_turn(session, ids, visual=visual, t_start=t0)
+            ids, slots = conv.prompt()
+        except DiffcliError as exc:     # e.g. <__media__> markers that do not match the images
+            conv.drop_last_user()
+            log(f"diffcli: error: {exc.message}")
+            continue
+        try:
+            result = run_turn(session, ids, visual=visual, t_start=t0, images=slots)
         except KeyboardInterrupt:
             conv.drop_last_user()
             click.echo("", err=False)

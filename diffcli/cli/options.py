@@ -81,6 +81,10 @@ class RunOptions:
     reasoning_budget: int | None = None
     chat_template_file: str | None = None
     no_chat_template: bool = False
+    # images (llama-mtmd-cli's flags)
+    mmproj: str | None = None
+    image: tuple[str, ...] = ()
+    image_max_tokens: int = 280
     # output
     json: bool = False
     trace: str | None = None
@@ -94,6 +98,7 @@ class RunOptions:
         known = {k: v for k, v in kwargs.items() if k in names}
         extra = {k: v for k, v in kwargs.items() if k not in names}
         known["override_tensor"] = tuple(known.get("override_tensor") or ())
+        known["image"] = tuple(known.get("image") or ())
         return cls(**known, extra=extra)
 
     def validate(self) -> None:
@@ -119,6 +124,9 @@ class RunOptions:
                              fix="check the --chat-template-file path")
         if self.trace is not None and Path(self.trace).is_dir():
             raise InputError("is a directory", path=self.trace, fix="give --trace a file name")
+        if self.image and self.mmproj is None:
+            raise InputError("--image needs the vision tower", fix="add --mmproj mmproj-*.gguf "
+                             "(made with `diffcli convert HF_DIR --mmproj`)")
 
     def sampler_overrides(self) -> dict[str, Any]:
         # llama.cpp takes a CLI value only when it is >= 0 (> 0 for max steps), else the GGUF key
@@ -237,6 +245,15 @@ def click_options(f):
                      help="Use this Jinja chat template instead of the GGUF's."),
         click.option("--no-chat-template", is_flag=True,
                      help="Feed the prompt text as is (BOS + text), no chat template."),
+        # images
+        click.option("--mmproj", metavar="FILE",
+                     help="Vision tower (mmproj GGUF) for --image and /image."),
+        click.option("--image", multiple=True, metavar="FILE",
+                     help="Image for the prompt (repeatable); placed at <__media__> markers in "
+                     "the prompt, else before the text."),
+        click.option("--image-max-tokens", type=click.Choice(["70", "140", "280", "560", "1120"]),
+                     default="280", show_default=True, callback=lambda c, p, v: int(v),
+                     help="Soft tokens per image (the Gemma 4 processor's budgets)."),
         # output
         click.option("--json", "json", is_flag=True,
                      help="Print one JSON object per reply (text, thinking, tokens, seed, stats)."),

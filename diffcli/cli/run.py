@@ -14,6 +14,7 @@ import time
 import click
 
 from .chat import chat_loop
+from .images import read_images
 from .options import RunOptions, click_options
 from .session import Session, open_session, report, run_turn
 
@@ -63,9 +64,9 @@ def _silence_stdout() -> None:
 def run_single(session: Session) -> None:
     t0 = time.perf_counter()
     conv = session.conversation
-    conv.add_user(session.opts.prompt_text)
-    ids = conv.prompt_ids()
+    conv.add_user(session.opts.prompt_text, images=read_images(session, session.opts.image))
+    ids, images = conv.prompt()
     result = run_turn(session, ids, visual=session.opts.diffusion_visual and not session.opts.json,
-                      t_start=t0)
+                      t_start=t0, images=images)
     report(session, result)
 

@@ -41,6 +41,8 @@ class Session:
     kv_cache: bool
     trace: Any = None
     stdout: Any = field(default_factory=lambda: sys.stdout)
+    vision: Any = None                                        # the mmproj's tower (--mmproj)
+    image_embeds: dict = field(default_factory=dict)          # digest -> soft tokens
 
 
 # ---- opening ---------------------------------------------------------------------------------
@@ -104,6 +106,12 @@ def open_session(opts: RunOptions) -> Session:
     for note in opts.ignored_notes():
         log(note)
     model = load_model(opts, device)
+    vision = None
+    if opts.mmproj is not None:
+        from .images import open_vision
+        vision = open_vision(opts.mmproj, model, tokenizer)
+        log(f"diffcli: vision tower {opts.mmproj} ({vision.config.n_layer} layers, "
+            f"{opts.image_max_tokens} soft tokens per image)")
     dtype = str(model.dtype).removeprefix("torch.")
     if model.step_graph is not None:
         dtype += ", CUDA graphs"
@@ -122,7 +130,7 @@ def open_session(opts: RunOptions) -> Session:
     log(f"diffcli: seed {opts.seed}; thinking {'on' if conversation_thinking(conversation) else 'off'}")
     trace = open_trace(opts.trace) if opts.trace else None
     return Session(opts, model, tokenizer, sampler, conversation, n_canvases, C, context,
-                   kv_cache, trace)
+                   kv_cache, trace, vision=vision)
 
 
 def conversation_thinking(conv) -> bool:
@@ -220,9 +228,10 @@ class TurnResult:
 
 
 def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
-             t_start: float | None = None) -> TurnResult:
+             t_start: float | None = None, images=()) -> TurnResult:
     """Generate one reply, streaming the answer to stdout (or the live view) as canvases commit.
-    `t_start`: when the turn began (before the template was rendered), for the total time."""
+    `t_start`: when the turn began (before the template was rendered), for the total time.
+    `images`: the prompt's (first soft token index, prepared image) slots."""
     from .. import stream
     from ..text.chat import split_thinking
     from .live import LiveView, ProgressLine
@@ -258,9 +267,14 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     done = None
     if session.trace is not None:
         session.trace.write(json.dumps({"event": "prompt", "ids": list(prompt_ids)}) + "\n")
+    spans = {}
+    if images:
+        from .images import image_spans
+        spans = {"images": image_spans(session, images)}
     events = stream(session.model, prompt_ids, max_new_tokens=n * session.canvas_length,
                     sampler=session.sampler, seed=opts.seed, mode="cli",
-                    kv_cache=session.kv_cache, eog_ids=tok.eog_ids, pad_id=tok.pad_id or 0)
+                    kv_cache=session.kv_cache, eog_ids=tok.eog_ids, pad_id=tok.pad_id or 0,
+                    **spans)
     if live is not None:
         live.start()
     try:

@@ -32,15 +32,25 @@ class PrefixCachedModel:
     def reset(self) -> None:
         self._snapshots.clear()
 
-    def encode(self, prompt_ids):
+    def encode(self, prompt_ids, images=()):
+        """`images`: image spans of the prompt (model.images.ImageSpan); a position inside an
+        image counts as the same token only for the same image (its `key`), so a cached prefix
+        is reused only where the images match too."""
         ids = [int(i) for i in (prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids)]
+        images = sorted(images, key=lambda s: s.start)
+        keys: list = list(ids)
+        for s in images:
+            keys[s.start:s.end] = [(s.key or id(s), j) for j in range(s.end - s.start)]
         best, cache = 0, None
         for snap_ids, snap in self._snapshots:
-            if len(snap_ids) > best and ids[:len(snap_ids)] == snap_ids:
+            if len(snap_ids) > best and keys[:len(snap_ids)] == snap_ids and \
+                    not any(s.start < len(snap_ids) < s.end for s in images):
                 best, cache = len(snap_ids), snap
         cut = len(ids)
         if self._checkpoint_id is not None and self._checkpoint_id in ids[best:]:
             cut = len(ids) - 1 - ids[::-1].index(self._checkpoint_id)
+            if any(s.start < cut < s.end for s in images):
+                cut = len(ids)
         if cache is None:
             cache = self._model.new_cache() if hasattr(self._model, "new_cache") else None
         else:
@@ -51,17 +61,19 @@ class PrefixCachedModel:
         for lo, hi in pieces:
             if hi <= lo:
                 continue
+            part = [s.shifted(-lo) for s in images if lo <= s.start and s.end <= hi]
+            extra = {"images": part} if part else {}
             if cache is None:
-                cache = self._model.encode(_like(prompt_ids, ids[lo:hi]))
+                cache = self._model.encode(_like(prompt_ids, ids[lo:hi]), **extra)
             else:
-                cache = self._model.commit(cache, _like(prompt_ids, ids[lo:hi]))
+                cache = self._model.commit(cache, _like(prompt_ids, ids[lo:hi]), **extra)
             self.encoded_tokens += hi - lo
             if hi == cut and hasattr(cache, "copy"):
-                snapshots.append((ids[:hi], cache.copy()))
+                snapshots.append((keys[:hi], cache.copy()))
         if cache is None:      # an empty prompt: nothing to encode
             cache = self._model.encode(prompt_ids)
         if hasattr(cache, "copy"):
-            snapshots.append((ids, cache.copy()))
+            snapshots.append((keys, cache.copy()))
             self._snapshots = snapshots     # older turns' snapshots are never a prefix again
         return cache
 

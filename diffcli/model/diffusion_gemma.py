@@ -119,7 +119,7 @@ class DiffusionGemma:
     def encode(self, prompt_ids: torch.Tensor, images: Sequence[ImageSpan] = ()) -> KVCache:
         """Prefill: run the prompt through the encoder into a fresh cache. `images`: soft tokens
         standing at spans of the prompt (model/images.py)."""
-        return self.commit(self.new_cache(), prompt_ids, images)
+        return self.commit(self.new_cache(), prompt_ids, **({"images": images} if images else {}))
 
     @torch.inference_mode()
     def commit(self, cache: KVCache, block_ids: torch.Tensor,

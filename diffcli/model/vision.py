@@ -125,7 +125,8 @@ def validate(f: GGUFFile, cfg: VisionConfig) -> None:
             raise InputError(f"tensor {name!r} has shape {list(info.shape)}, the metadata implies "
                              f"{list(shape)}", path=f.path,
                              fix="the mmproj's metadata and tensors disagree; convert it again")
-    unknown = sorted(set(f.tensor_names) - set(shapes))
+    # a Gemma 4 mmproj may also carry an audio encoder (`a.*`, `mm.a.*`): not ours to run
+    unknown = sorted(n for n in set(f.tensor_names) - set(shapes) if not n.startswith(("a.", "mm.a.")))
     if unknown:
         raise InputError(f"the mmproj has {len(unknown)} tensors diffcli does not know, e.g. "
                          f"{unknown[0]!r}", path=f.path,

@@ -18,15 +18,30 @@ from typing import Any, Sequence
 from ..errors import InputError
 
 CHANNEL_OPEN, CHANNEL_CLOSE = "<|channel>", "<channel|>"
+# Gemma 4's image tokens: begin, the placeholder a template writes (one per soft token once
+# expanded), end; and llama-mtmd-cli's marker for where an image goes in a prompt
+IMAGE_BEGIN, IMAGE_MARKER, IMAGE_END = "<|image>", "<|image|>", "<image|>"
+MEDIA_MARKER = "<__media__>"
 
 # diffcli's own Gemma-4-shaped template (spec §D.3): BOS; a system turn when thinking is on, tools
 # are given or the first message is a system/developer message; one `<|turn>role ... <turn|>` per
 # message with `assistant` renamed `model` and earlier thoughts stripped from model messages; the
-# generation prompt, which pre-closes an empty thought channel when thinking is off.
+# generation prompt, which pre-closes an empty thought channel when thinking is off. An image part
+# renders as Gemma 4's template renders it: `\n\n<|image|>\n\n`.
 GEMMA4_TEMPLATE = r"""{%- macro content_text(content) -%}
 {%- if content is string -%}{{ content }}
 {%- elif content is iterable -%}
 {%- for part in content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro user_text(content) -%}
+{%- if content is string -%}{{ content | trim }}
+{%- elif content is iterable -%}
+{%- for part in content -%}
+{%- if part.type == 'text' -%}{{ part.text | trim }}
+{%- elif part.type == 'image' -%}{{ '\n\n<|image|>\n\n' }}
+{%- endif -%}
+{%- endfor -%}
 {%- endif -%}
 {%- endmacro -%}
 {%- macro strip_thinking(text) -%}
@@ -59,7 +74,7 @@ GEMMA4_TEMPLATE = r"""{%- macro content_text(content) -%}
 {%- if role == 'model' -%}
 {%- set text = strip_thinking(content_text(message.content)) -%}
 {%- else -%}
-{%- set text = content_text(message.content) | trim -%}
+{%- set text = user_text(message.content) -%}
 {%- endif -%}
 {{ '<|turn>' + role + '\n' + text + '<turn|>\n' }}
 {%- endfor -%}
@@ -161,8 +176,14 @@ class Conversation:
     def clear(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def add_user(self, text: str) -> None:
-        self.messages.append({"role": "user", "content": text})
+    def add_user(self, text: str, images: Sequence[Any] = ()) -> None:
+        """A user turn; with `images` (objects with `n_tokens`, e.g. media.image.PreparedImage)
+        its content is a list of parts: the images where the text has `<__media__>` markers
+        (llama-mtmd-cli's), else all before the text."""
+        if not images:
+            self.messages.append({"role": "user", "content": text})
+            return
+        self.messages.append({"role": "user", "content": media_parts(text, images)})
 
     def add_reply(self, answer: str) -> None:
         self.messages.append({"role": "assistant", "content": answer})
@@ -173,13 +194,69 @@ class Conversation:
 
     def prompt_text(self) -> str:
         if not self.use_template:   # raw mode: the texts as they are, one after the other
-            return "\n".join(m["content"] for m in self.messages)
+            return "\n".join(m["content"] if isinstance(m["content"], str) else
+                             "".join(p["text"] if p["type"] == "text" else f"\n\n{IMAGE_MARKER}\n\n"
+                                     for p in m["content"]) for m in self.messages)
         kw = dict(self.template_kwargs)
         thinking = bool(kw.pop("enable_thinking", self.enable_thinking))
         return self.template.render(self.messages, enable_thinking=thinking, **kw)
 
     def prompt_ids(self) -> list[int]:
-        return encode_prompt(self.tokenizer, self.prompt_text())
+        return self.prompt()[0]
+
+    def images(self) -> list[Any]:
+        """Every image of the history, in prompt order."""
+        return [p["image"] for m in self.messages if not isinstance(m["content"], str)
+                for p in m["content"] if p["type"] == "image"]
+
+    def prompt(self) -> tuple[list[int], list[tuple[int, Any]]]:
+        """The rendered prompt's ids and, for each image, (index of its first soft token, image)."""
+        return encode_prompt_with_images(self.tokenizer, self.prompt_text(), self.images())
+
+
+def media_parts(text: str, images: Sequence[Any]) -> list[dict]:
+    """Content parts of a user message with images (see `Conversation.add_user`)."""
+    pieces = text.split(MEDIA_MARKER)
+    if len(pieces) == 1:
+        return [{"type": "image", "image": img} for img in images] + [{"type": "text", "text": text}]
+    if len(pieces) - 1 != len(images):
+        raise InputError(f"the prompt has {len(pieces) - 1} {MEDIA_MARKER} markers for "
+                         f"{len(images)} images", fix=f"give one {MEDIA_MARKER} per --image, or none")
+    parts: list[dict] = []
+    for k, piece in enumerate(pieces):
+        if piece:
+            parts.append({"type": "text", "text": piece})
+        if k < len(images):
+            parts.append({"type": "image", "image": images[k]})
+    return parts
+
+
+def encode_prompt_with_images(tokenizer, text: str, images: Sequence[Any]
+                              ) -> tuple[list[int], list[tuple[int, Any]]]:
+    """Tokenize a rendered prompt whose images stand as `<|image|>` markers (as the template
+    renders them): each marker becomes `<|image>`, one `<|image|>` per soft token, `<image|>`, as
+    transformers' Gemma 4 processor expands it. Returns (ids, [(first soft token index, image)])."""
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) - 1 != len(images):
+        raise InputError(f"the rendered prompt has {len(pieces) - 1} image markers for "
+                         f"{len(images)} images", fix=f"do not write {IMAGE_MARKER} in the prompt text"
+                         if len(pieces) - 1 > len(images) else "the chat template drops images; "
+                         "use the model's own template")
+    if not images:
+        return encode_prompt(tokenizer, text), []
+    boi, image, eoi = (tokenizer.token_to_id(t) for t in (IMAGE_BEGIN, IMAGE_MARKER, IMAGE_END))
+    if None in (boi, image, eoi):
+        raise InputError(f"the model's vocabulary has no {IMAGE_BEGIN} / {IMAGE_MARKER} / "
+                         f"{IMAGE_END} tokens, so it cannot take images",
+                         fix="use a Gemma 4 / DiffusionGemma model file")
+    ids = encode_prompt(tokenizer, pieces[0])
+    slots = []
+    for img, piece in zip(images, pieces[1:]):
+        ids.append(boi)
+        slots.append((len(ids), img))
+        ids += [image] * int(img.n_tokens) + [eoi]
+        ids += tokenizer.encode(piece, add_bos=False, parse_special=True)
+    return ids, slots
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
