@@ -188,3 +188,21 @@ def test_decoded_data_url_bytes_that_are_not_an_image():
     url = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
     with pytest.raises(InputError, match="not an image"):
         prepare_image(image_bytes_from_data_url(url), 16, name="image_url")
+
+
+def test_openai_content_becomes_conversation_parts():
+    from diffcli.media.dataurl import content_parts
+    raw = _noise_png()
+    url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    parts = content_parts([{"type": "text", "text": "Look:"},
+                           {"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+                           {"type": "text", "text": "what is it?"}], 16, max_soft_tokens=70)
+    assert [p["type"] for p in parts] == ["text", "image", "text"]
+    want = prepare_image(raw, 16, max_soft_tokens=70)
+    assert np.array_equal(parts[1]["image"].pixels, want.pixels)
+    assert content_parts("just text", 16) == "just text"
+    with pytest.raises(InputError, match="content part 0 has type 'input_audio'"):
+        content_parts([{"type": "input_audio"}], 16)
+    with pytest.raises(InputError, match="content part 1 \\(image_url\\)"):
+        content_parts([{"type": "text", "text": "x"},
+                       {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}], 16)

@@ -176,3 +176,20 @@ def test_prefix_cache_reuses_an_image_only_when_it_is_the_same(vision_model, tin
     assert diff < 1e-5
     start = conv.prompt()[1][0][0]
     assert cached.reused_tokens - reused_before <= start      # at most the text before it
+
+
+def test_openai_parts_render_like_the_cli_prompt(tiny):
+    """What a server would do with an OpenAI message (text and image_url parts) gives the ids of
+    the same prompt given with <__media__> markers."""
+    import base64
+    from diffcli.media.dataurl import content_parts
+    tok, paths = tiny
+    url = "data:image/png;base64," + base64.b64encode(paths[0].read_bytes()).decode()
+    api = Conversation(ChatTemplate(tok.chat_template), tok)
+    api.messages.append({"role": "user", "content": content_parts(
+        [{"type": "text", "text": "Look at"}, {"type": "image_url", "image_url": {"url": url}},
+         {"type": "text", "text": "now."}], 16, max_soft_tokens=BUDGET)})
+    cli = Conversation(ChatTemplate(tok.chat_template), tok)
+    cli.add_user("Look at<__media__>now.", images=[prepare_image(paths[0], 16, max_soft_tokens=BUDGET)])
+    assert api.prompt()[0] == cli.prompt()[0]
+    assert [s for s, _ in api.prompt()[1]] == [s for s, _ in cli.prompt()[1]]

@@ -51,3 +51,32 @@ def image_bytes_from_part(part: dict[str, Any], *, max_bytes: int = MAX_BYTES) -
     ref = part.get("image_url")
     url = ref.get("url") if isinstance(ref, dict) else ref
     return image_bytes_from_data_url(url, max_bytes=max_bytes)
+
+
+def content_parts(content: str | list, patch_size: int, *, max_soft_tokens: int = 280,
+                  pooling: int = 3) -> str | list[dict]:
+    """An OpenAI chat message's `content` -> the content a `text.chat.Conversation` message takes:
+    a string stays a string; a list of `text` / `image_url` parts becomes text parts and image
+    parts (`{"type": "image", "image": PreparedImage}`) in the same order, each image decoded and
+    prepared for a tower with `patch_size` (InputError for any bad part)."""
+    from .image import prepare_image
+
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InputError("message content must be a string or a list of parts",
+                         fix='use "content": "text" or [{"type": "text", "text": ...}, ...]')
+    parts: list[dict] = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            data = image_bytes_from_part(part)
+            parts.append({"type": "image", "image": prepare_image(
+                data, patch_size, max_soft_tokens=max_soft_tokens, pooling=pooling,
+                name=f"content part {k} (image_url)")})
+        else:
+            raise InputError(f"content part {k} has type {kind!r}; diffcli takes text and image_url",
+                             fix='send {"type": "text", ...} or {"type": "image_url", ...} parts')
+    return parts
