@@ -87,6 +87,7 @@ def test_bad_inputs_are_one_line_exit_2(files, tmp_path):
                     "tiny.gguf", "not an mmproj file")
     _one_line_error(run([*base, "--mmproj", d / "mm.gguf", "--image", d / "a.png",
                          "--image-max-tokens", "100"]), "--image-max-tokens")
+    _one_line_error(run(["-m", d / "mm.gguf", "-p", "Hi", *FAST]), "mm.gguf", "pass it to --mmproj")
 
 
 def test_an_mmproj_for_another_model_is_refused(files, tmp_path):

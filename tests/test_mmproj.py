@@ -161,3 +161,51 @@ def test_cli_convert_mmproj(checkpoint, tmp_path):
     bad = run(["convert", hf_dir, "--mmproj", "-o", tmp_path / "x.gguf", "--outtype", "q4_k_m"])
     assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and "error:" in bad.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_file_written_the_llama_cpp_way_loads_and_matches_transformers(checkpoint, tmp_path):
+    """Interop the other way: an mmproj written straight with gguf-py from the names and rules
+    above (not through diffcli's writer) runs in diffcli and gives transformers' soft tokens."""
+    from PIL import Image
+    from diffcli.media.image import prepare_image
+    from diffcli.model.vision import load_vision
+    from diffcli.testing import build_tiny_hf_model
+    hf_dir, state, cfg = checkpoint
+    vc, p = cfg.vision_config, cfg.vision_config.patch_size
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ])
+    w.add_type(gguf.GGUFType.MMPROJ)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_vision_projector_type(gguf.VisionProjectorType.GEMMA4V)
+    w.add_vision_projection_dim(cfg.text_config.hidden_size)
+    w.add_vision_image_size(224)
+    w.add_vision_patch_size(p)
+    w.add_vision_embedding_length(vc.hidden_size)
+    w.add_vision_feed_forward_length(vc.intermediate_size)
+    w.add_vision_block_count(vc.num_hidden_layers)
+    w.add_vision_head_count(vc.num_attention_heads)
+    w.add_vision_attention_layernorm_eps(1e-6)
+    w.add_vision_image_mean([0.0, 0.0, 0.0])
+    w.add_vision_image_std([1.0, 1.0, 1.0])
+    for k, v in reversed(list(state.items())):       # another tensor order than diffcli's
+        if not k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")):
+            continue
+        if k.endswith("patch_embedder.input_proj.weight"):
+            v = v.reshape(v.shape[0], p, p, 3).transpose(0, 3, 1, 2)
+        w.add_tensor(llama_cpp_name(k, vc.num_hidden_layers), np.ascontiguousarray(v.reshape(-1) if v.ndim == 0 else v))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tower = load_vision(tmp_path / "llama.gguf", dtype=torch.float32)
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 256, (70, 50, 3), dtype=np.uint8))
+    prep = prepare_image(img, p, max_soft_tokens=70)
+    got = tower.embed(torch.from_numpy(prep.pixels), prep.grid)
+    hf = build_tiny_hf_model(vision=CLIPPED)
+    pv = torch.zeros(1, 630, p * p * 3)
+    pos = torch.full((1, 630, 2), -1, dtype=torch.long)
+    pv[0, :len(prep.pixels)] = torch.from_numpy(prep.pixels)
+    pos[0, :len(prep.pixels)] = torch.from_numpy(prep.positions)
+    with torch.no_grad():
+        ref = hf.model.encoder.get_image_features(pv, pos).pooler_output
+    assert (got - ref).abs().max().item() < 1e-4

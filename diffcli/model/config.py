@@ -74,7 +74,9 @@ class ModelConfig:
         arch = md.get("general.architecture")
         if arch != ARCH:
             raise InputError(f"architecture is {arch!r}, not {ARCH!r}", path=f.path,
-                             fix="diffcli runs DiffusionGemma GGUF files only (convert with `diffcli convert`)")
+                             fix="this is a vision tower (mmproj): pass it to --mmproj, the model to -m"
+                             if arch == "clip" else
+                             "diffcli runs DiffusionGemma GGUF files only (convert with `diffcli convert`)")
 
         def key(name: str, default: Any = None) -> Any:
             full = f"{ARCH}.{name}"
