@@ -399,3 +399,26 @@ def make_random_gguf(path: str | Path, config_overrides: dict | None = None, out
     weights = random_state_dict(config, seed)
     return write_gguf(path, hp, weights.__getitem__, toy_gguf_vocab(hp.vocab_size), outtype,
                       name="random-diffusion-gemma", overwrite=True)
+
+
+def make_random_mmproj(path: str | Path, text_hidden: int = 64, outtype: str = "f32",
+                       seed: int = 0) -> Path:
+    """A Gemma 4 vision mmproj with random weights shaped like TINY_VISION, projecting to
+    `text_hidden` (the text model's hidden size); no transformers needed."""
+    from .gguf.mmproj import VisionHParams, tensor_plan, write_mmproj
+
+    v = TINY_VISION
+    hp = VisionHParams(n_layer=v["num_hidden_layers"], hidden=v["hidden_size"],
+                       ff=v["intermediate_size"], n_head=v["num_attention_heads"],
+                       head_dim=v["head_dim"], patch_size=16, n_pos=10240, text_hidden=text_hidden)
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for _, name, shape in tensor_plan(hp):
+        if name.endswith("position_embedding_table"):
+            weights[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.5)
+        elif len(shape) == 1:
+            weights[name] = _ones_like_random(shape, rng)
+        else:
+            weights[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    return write_mmproj(path, hp, weights.__getitem__, outtype, name="random-vision", overwrite=True)
+

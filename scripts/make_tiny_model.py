@@ -7,6 +7,8 @@ diffcli's runtime dependencies (no transformers).
 
     python scripts/make_tiny_model.py                 # -> ./tiny-diffusion-gemma.gguf
     diffcli -m tiny-diffusion-gemma.gguf -p "Hello" --diffusion-visual
+    python scripts/make_tiny_model.py --mmproj tiny-mmproj.gguf    # plus a random vision tower
+    diffcli -m tiny-diffusion-gemma.gguf --mmproj tiny-mmproj.gguf --image photo.png -p "Describe it."
 
 Prints the path of the file it wrote.
 """
@@ -18,7 +20,7 @@ from pathlib import Path
 
 try:
     from diffcli.errors import DiffcliError
-    from diffcli.testing import make_random_gguf
+    from diffcli.testing import make_random_gguf, make_random_mmproj
 except ImportError as exc:      # run with a Python that has no diffcli (not .venv's)
     sys.exit(f"make_tiny_model: cannot import diffcli ({exc}); run scripts/setup.sh, then use "
              f".venv/bin/python scripts/make_tiny_model.py (or activate .venv first)")
@@ -35,11 +37,17 @@ def main() -> None:
     ap.add_argument("--canvas", type=int, default=16, help="canvas length (default: %(default)s)")
     ap.add_argument("--layers", type=int, default=4, help="layers (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--mmproj", type=Path, metavar="OUT",
+                    help="also write a random vision tower (mmproj) for --image")
     args = ap.parse_args()
     overrides = {"canvas_length": args.canvas, "num_hidden_layers": args.layers}
     try:
         path = make_random_gguf(args.out, overrides, args.outtype, seed=args.seed,
                                 variant=f"h{args.hidden}")
+        if args.mmproj is not None:
+            mm = make_random_mmproj(args.mmproj, args.hidden, seed=args.seed)
+            print(f"make_tiny_model: wrote {mm}; try: diffcli -m {path} --mmproj {mm} --image "
+                  "photo.png -p \"Describe it.\"", file=sys.stderr)
     except DiffcliError as exc:
         print(f"make_tiny_model: error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -111,3 +111,20 @@ def test_chat_image_command(files):
     no_tower = run(["-m", d / "tiny.gguf", "-cnv", "-n", "16", *FAST],
                    input=f"/image {d / 'a.png'}\n/exit\n")
     assert no_tower.exit_code == 0 and "images need the vision tower" in no_tower.stderr
+
+
+def test_random_tiny_pair_from_the_script_runs(tmp_path):
+    """The README demo's tiny model with a random vision tower (no transformers involved)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "scripts" / "make_tiny_model.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "t.gguf"), "--mmproj",
+                          str(tmp_path / "t-mm.gguf")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "p.png")
+    res = run(["-m", tmp_path / "t.gguf", "--mmproj", tmp_path / "t-mm.gguf", "--image",
+               tmp_path / "p.png", "-p", "Describe it.", "-n", "16", "--json", *FAST])
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["prompt_tokens"] > 256      # a 40x40 image fills 256 of the 280
+

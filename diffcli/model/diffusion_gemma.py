@@ -38,7 +38,7 @@ from ..errors import InputError
 from ..gguf.qtensor import QTensor
 from ..gguf.reader import open_gguf
 from .config import ModelConfig
-from .images import ImageSpan, block_ids, check_spans, chunk_bounds, in_chunk, place
+from .images import ImageSpan, check_spans, chunk_bounds, image_blocks, in_chunk, place
 from .layers import attention, rms, rotate_half, softcap_
 from .weights import LayerWeights, Weights, load_weights, validate
 
@@ -144,7 +144,7 @@ class DiffusionGemma:
         x = self.embed(ids) * math.sqrt(self.config.n_embd)            # [T, H]
         x = place(x, images)                                            # soft tokens, unscaled
         rope = self._rope(pos)
-        blocks = block_ids(T, images, self.device)                      # [T] or None
+        blocks = image_blocks(T, images, self.device)                    # [T] or None
         # Causal masks (True = may attend), OR "same image block". Cached keys sit at positions
         # P-len..P-1 and are never in a block of this chunk.
         masks = {}

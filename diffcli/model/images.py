@@ -81,7 +81,7 @@ def place(x: torch.Tensor, spans: Sequence[ImageSpan]) -> torch.Tensor:
     return x
 
 
-def block_ids(T: int, spans: Sequence[ImageSpan], device) -> torch.Tensor | None:
+def image_blocks(T: int, spans: Sequence[ImageSpan], device) -> torch.Tensor | None:
     """[T] int: the image block of each position (0, 1, ...), -1 for text; None without images."""
     if not spans:
         return None
