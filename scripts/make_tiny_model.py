@@ -44,10 +44,7 @@ def main() -> None:
     try:
         path = make_random_gguf(args.out, overrides, args.outtype, seed=args.seed,
                                 variant=f"h{args.hidden}")
-        if args.mmproj is not None:
-            mm = make_random_mmproj(args.mmproj, args.hidden, seed=args.seed)
-            print(f"make_tiny_model: wrote {mm}; try: diffcli -m {path} --mmproj {mm} --image "
-                  "photo.png -p \"Describe it.\"", file=sys.stderr)
+        mm = None if args.mmproj is None else make_random_mmproj(args.mmproj, args.hidden, seed=args.seed)
     except DiffcliError as exc:
         print(f"make_tiny_model: error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -55,6 +52,9 @@ def main() -> None:
     print(f"make_tiny_model: wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MiB, random weights: "
           f"replies are gibberish); try: diffcli -m {path} -p \"Hello\" --diffusion-visual",
           file=sys.stderr)
+    if mm is not None:
+        print(f"make_tiny_model: wrote {mm} (a random vision tower); try: diffcli -m {path} "
+              f"--mmproj {mm} --image photo.png -p \"Describe it.\"", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -106,17 +106,18 @@ def open_session(opts: RunOptions) -> Session:
     for note in opts.ignored_notes():
         log(note)
     model = load_model(opts, device)
-    vision = None
-    if opts.mmproj is not None:
-        from .images import open_vision
-        vision = open_vision(opts.mmproj, model, tokenizer)
-        log(f"diffcli: vision tower {opts.mmproj} ({vision.config.n_layer} layers, "
-            f"{opts.image_max_tokens} soft tokens per image)")
     dtype = str(model.dtype).removeprefix("torch.")
     if model.step_graph is not None:
         dtype += ", CUDA graphs"
     log(f"diffcli: loaded {opts.model} ({cfg.n_layer} layers, vocab {len(tokenizer)}) on {device} "
         f"({dtype}) in {time.perf_counter() - t0:.2f}s")
+    vision = None
+    if opts.mmproj is not None:
+        from .images import open_vision
+        vision = open_vision(opts.mmproj, model, tokenizer)
+        n = vision.config.n_layer
+        log(f"diffcli: vision tower {opts.mmproj} ({n} layer{'s' * (n != 1)}, "
+            f"{opts.image_max_tokens} soft tokens per image)")
     kv_cache = opts.diffusion_kv_cache != "off"
     if kv_cache and opts.conversation:
         model = PrefixCachedModel(model, checkpoint_id=tokenizer.token_to_id("<|turn>"))

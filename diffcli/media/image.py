@@ -100,7 +100,7 @@ def decode_image(source: str | os.PathLike | bytes, *, max_pixels: int = MAX_PIX
     else:
         path = Path(source)
         if not path.exists():
-            raise InputError("no such image file", path=path, fix="check the --image path")
+            raise InputError("no such image file", path=path, fix="check the image path")
         if path.is_dir():
             raise InputError("is a directory, not an image", path=path, fix="pass an image file")
         fp = path
