@@ -68,12 +68,9 @@ def read_prompt(opts: RunOptions) -> str | None:
 
 
 def open_session(opts: RunOptions) -> Session:
+    from ..engine.loading import load_model, open_model_file, resolve_device
     from ..generation.prefix import PrefixCachedModel
-    from ..generation.sampler import SamplerConfig
-    from ..gguf.reader import open_gguf
-    from ..model.config import ModelConfig
-    from ..text.chat import ChatTemplate, Conversation
-    from ..text.tokenizer import Tokenizer
+    from ..text.chat import Conversation
 
     opts.validate()
     prompt = read_prompt(opts)
@@ -84,20 +81,13 @@ def open_session(opts: RunOptions) -> Session:
     opts.prompt_text = prompt
 
     t0 = time.perf_counter()
-    f = open_gguf(opts.model)
-    cfg = ModelConfig.from_gguf(f)
-    try:
-        sampler = SamplerConfig.resolve(cfg, **opts.sampler_overrides())
-    except InputError as exc:
-        raise InputError(f"--diffusion-eb-*: {exc.problem}", fix=exc.fix) from None
-    tokenizer = Tokenizer.from_gguf(f)
-    C = int(cfg.canvas_length)
+    mf = open_model_file(opts.model, sampler_overrides=opts.sampler_overrides(),
+                         template_source=opts.chat_template_source(None),
+                         template_path=opts.chat_template_file)
+    cfg, sampler, tokenizer = mf.config, mf.sampler, mf.tokenizer
+    C = mf.canvas_length
     n_canvases, context = size_run(opts, C, cfg.context_length)
-    template_src = opts.chat_template_source(tokenizer.chat_template)
-    template = ChatTemplate(template_src, bos_token=_tok_text(tokenizer, tokenizer.bos_id, "<bos>"),
-                            eos_token=_tok_text(tokenizer, tokenizer.eos_id, "<eos>"),
-                            path=opts.chat_template_file or opts.model)
-    conversation = Conversation(template, tokenizer, system=opts.system,
+    conversation = Conversation(mf.template, tokenizer, system=opts.system,
                                 enable_thinking=opts.thinking_enabled(),
                                 template_kwargs=opts.template_kwargs(),
                                 use_template=not opts.no_chat_template)
@@ -105,7 +95,10 @@ def open_session(opts: RunOptions) -> Session:
     device = resolve_device("cpu" if opts.n_gpu_layers == 0 and opts.device == "auto" else opts.device)
     for note in opts.ignored_notes():
         log(note)
-    model = load_model(opts, device)
+    model = load_model(opts.model, device, dtype=opts.dtype, n_gpu_layers=opts.n_gpu_layers,
+                       n_cpu_moe=opts.n_cpu_moe, override_tensor=tuple(opts.override_tensor),
+                       mmap=not opts.no_mmap, threads=opts.threads,
+                       cuda_graphs=not opts.no_cuda_graphs, log=log)
     dtype = str(model.dtype).removeprefix("torch.")
     if model.step_graph is not None:
         dtype += ", CUDA graphs"
@@ -138,10 +131,6 @@ def conversation_thinking(conv) -> bool:
     return bool(conv.template_kwargs.get("enable_thinking", conv.enable_thinking))
 
 
-def _tok_text(tokenizer, i: int | None, default: str) -> str:
-    return tokenizer.id_to_token(i) if i is not None and 0 <= i < len(tokenizer) else default
-
-
 def size_run(opts: RunOptions, C: int, model_ctx: int) -> tuple[int, int]:
     """llama-diffusion-cli's sizing (§C.8): -n > 0 -> ceil(n/C) canvases and the batch/context
     sizes grown to fit them; otherwise --diffusion-blocks canvases. -c 0 = the model's context."""
@@ -156,48 +145,6 @@ def size_run(opts: RunOptions, C: int, model_ctx: int) -> tuple[int, int]:
         n = opts.diffusion_blocks
     context = opts.ctx_size if opts.ctx_size > 0 else int(model_ctx)
     return n, context
-
-
-def resolve_device(name: str) -> str:
-    import torch
-    name = name.lower()
-    if name in ("auto", ""):
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if name == "none":
-        return "cpu"
-    if name.startswith("cuda") and name[4:].isdigit():      # llama.cpp's -dev CUDA0
-        name = f"cuda:{name[4:]}"
-    kind = name.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available",
-                         fix="use --device cpu (or auto)")
-    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise InputError("--device mps was asked for but MPS is not available", fix="use --device cpu")
-    return name
-
-
-def load_model(opts: RunOptions, device: str):
-    """diffcli.load with the placement flags (-ngl, --n-cpu-moe, -ot, --no-mmap); a placement
-    that splits the model across devices is logged in one line."""
-    from .. import load
-    if opts.threads > 0:
-        import torch
-        torch.set_num_threads(opts.threads)
-    model = load(opts.model, device=device, dtype=opts.dtype,
-                 n_gpu_layers=opts.n_gpu_layers, n_cpu_moe=opts.n_cpu_moe or 0,
-                 override_tensor=tuple(opts.override_tensor), mmap=not opts.no_mmap)
-    if opts.no_cuda_graphs:
-        model.cuda_graphs = False
-    plan = getattr(model, "placement", None)
-    if plan is not None and len({*plan.layers, plan.head, *plan.tensors.values()}) > 1:
-        on_accel = sum(d == plan.accel for d in plan.layers)
-        off = sum(d.type == "cpu" for d in plan.tensors.values())
-        log(f"diffcli: placement: {on_accel}/{len(plan.layers)} layers on {plan.accel}, head on "
-            f"{plan.head}; {off} of {len(plan.tensors)} tensors on the CPU")
-    return model
 
 
 def open_trace(path: str):
