@@ -77,7 +77,9 @@ def _register() -> None:
     from .convert import convert_cmd
     from .inspect import inspect_cmd
     from .run import run_cmd
+    from .serve import serve_cmd
     cli.add_command(inspect_cmd, "inspect")
+    cli.add_command(serve_cmd, "serve")
     cli.add_command(convert_cmd, "convert")
     cli.add_command(run_cmd, DEFAULT_COMMAND)
 

@@ -36,7 +36,8 @@ def run_cmd(**kwargs) -> None:
     1 runtime error, 2 bad usage or input. The default seed is 4294967295 (0xFFFFFFFF, as in
     llama.cpp), so runs are reproducible; pass -s N for another one.
 
-    Other commands: `diffcli inspect FILE.gguf`, `diffcli convert HF_DIR -o OUT.gguf`.
+    Other commands: `diffcli inspect FILE.gguf`, `diffcli convert HF_DIR -o OUT.gguf`,
+    `diffcli serve -m FILE.gguf` (an OpenAI-compatible server).
     """
     opts = RunOptions.from_click(kwargs)
     session = open_session(opts)

@@ -1,0 +1,4 @@
+"""`python -m diffcli ...` runs the `diffcli` command."""
+from .cli import main
+
+main()
