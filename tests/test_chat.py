@@ -153,3 +153,25 @@ def test_prefix_cache_reuses_previous_turn(tmp_path):
     checkpoint = len(turn1) - 1 - turn1[::-1].index(tok.token_to_id("<|turn>"))
     assert new_tokens == len(turn2) - checkpoint
     assert tok.decode(turn2[checkpoint:], special=True).startswith("<|turn>model\nBecause")
+
+
+def test_prefix_cache_keeps_its_checkpoint_when_a_prompt_repeats(tmp_path):
+    # A server sees the same prompt twice (a regenerated reply, a retry) before the next turn;
+    # the second, fully cached encode must not drop the snapshot the next turn starts from.
+    tok = Tokenizer.from_gguf(write_toy_gguf(tmp_path / "t.gguf"))
+    inner = _CountingModel()
+    model = PrefixCachedModel(inner, checkpoint_id=tok.token_to_id("<|turn>"))
+    conv = Conversation(ChatTemplate(None), tok)
+    conv.add_user("Why is the sky blue?")
+    turn1 = conv.prompt_ids()
+    model.encode(turn1)
+    before = inner.encoded
+    model.encode(turn1)                              # the same prompt again: nothing to encode
+    assert inner.encoded == before
+    conv.add_reply("Because of scattering.")
+    conv.add_user("And sunsets?")
+    turn2 = conv.prompt_ids()
+    before = inner.encoded
+    assert model.encode(turn2).ids == turn2
+    checkpoint = len(turn1) - 1 - turn1[::-1].index(tok.token_to_id("<|turn>"))
+    assert inner.encoded - before == len(turn2) - checkpoint

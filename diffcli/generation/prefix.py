@@ -73,8 +73,13 @@ class PrefixCachedModel:
         if cache is None:      # an empty prompt: nothing to encode
             cache = self._model.encode(prompt_ids)
         if hasattr(cache, "copy"):
+            if not snapshots:
+                # no new checkpoint (a repeated prompt encodes nothing): keep the old one that lies
+                # on this prompt, where the next turn starts from
+                snapshots = [(k, c) for k, c in self._snapshots
+                             if len(k) < len(keys) and keys[:len(k)] == k][-1:]
             snapshots.append((keys, cache.copy()))
-            self._snapshots = snapshots     # older turns' snapshots are never a prefix again
+            self._snapshots = snapshots     # at most a checkpoint and the whole prompt
         return cache
 
 
