@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-step set-up: a virtual environment in .venv with diffcli installed (editable).
-#   scripts/setup.sh          runtime only
-#   scripts/setup.sh --test   plus the test dependencies (transformers, the real-data GGUF, triton)
+#   scripts/setup.sh          runtime (with the server's dependencies, for `diffcli serve`)
+#   scripts/setup.sh --test   plus the test dependencies (transformers, the real-data GGUF, triton,
+#                             the openai client and Selenium for the server tests)
 # torch: on a machine without an NVIDIA GPU the CPU wheel (torch==2.13.0) is pinned, so no CUDA
 # packages are downloaded; with nvidia-smi present the default (CUDA) wheel is installed.
 # The native CPU kernels are built when cmake and a C++ compiler are present (optional).
@@ -9,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=""
+extras="[serve]"; what="installing diffcli"
 case "${1:-}" in
   "") ;;
-  --test) extras="[test]" ;;
+  --test) extras="[serve,test]"; what="installing diffcli with the test dependencies" ;;
   *) echo "setup: unknown argument '$1'; use: scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
 
@@ -58,7 +59,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     fi
   fi
 fi
-pip_step "installing diffcli${extras:+ with the test dependencies}" -e ".$extras"
+pip_step "$what" -e ".$extras"
 if command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && [ -f CMakeLists.txt ] \
    && grep -q add_library CMakeLists.txt; then
   say "building the native CPU kernels"
