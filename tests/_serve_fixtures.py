@@ -3,6 +3,7 @@ official openai client pointed at it, a raw HTTP helper for the requests no clie
 the reference generation the server's replies are checked against."""
 from __future__ import annotations
 
+import contextlib
 import http.client as httpclient
 import json
 import os
@@ -170,3 +171,60 @@ class Reference:
 
     def answer(self, tokens) -> str:
         return split_thinking(self.tok.decode(tokens))[1]
+
+
+@contextlib.contextmanager
+def in_process(mf, settings, load):
+    """`serve()` in a thread of this process (a loader the test controls); yields (port, logs)."""
+    from diffcli.serve.server import serve
+
+    logs: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(mf, settings), daemon=True,
+                              kwargs=dict(host=HOST, port=0, load=load, log=logs.append, stop=stop))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not any("listening on" in m for m in logs):
+        assert time.monotonic() < deadline and thread.is_alive(), logs
+        time.sleep(0.01)
+    port = int(re.search(r":(\d+) ", next(m for m in logs if "listening on" in m)).group(1))
+    try:
+        yield port, logs
+    finally:
+        stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def wait_ready(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while raw(port, "GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+class ScriptedModel:
+    """A model double whose every canvas denoises straight to the next C tokens of a script (then
+    end-of-generation): logits with one peak per position, so the sampler accepts everything and
+    stops on the second step. Lets a test know exactly what the server must send."""
+
+    def __init__(self, config, script: list[int], eog: int):
+        import torch
+        self.config, self.device, self.dtype = config, "cpu", torch.float32
+        self.C, self.V = int(config.canvas_length), int(config.vocab_size)
+        self.script, self.eog = list(script), eog
+
+    def encode(self, prompt):
+        return {"canvas": 0}
+
+    def denoise(self, cache, canvas, sc=None):
+        import torch
+        i = cache["canvas"] * self.C
+        want = (self.script[i:i + self.C] + [self.eog] * self.C)[:self.C]
+        logits = torch.full((self.C, self.V), -30.0)
+        logits[torch.arange(self.C), torch.tensor(want)] = 30.0
+        return logits
+
+    def commit(self, cache, block):
+        cache["canvas"] += 1
+        return cache

@@ -15,7 +15,8 @@ import openai
 import pytest
 
 from _cli_fixtures import make_model
-from _serve_fixtures import FAST, HOST, SLOW, ServerProcess, metric, outcome_count, raw
+from _serve_fixtures import (FAST, HOST, SLOW, ServerProcess, in_process, metric, outcome_count, raw,
+                             wait_ready)
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "Why is the sky blue?"}]
@@ -198,44 +199,28 @@ def test_sigterm_finishes_the_request_in_flight_refuses_the_rest_and_exits_0(mod
         socket.create_connection((HOST, server.port), timeout=2).close()
 
 
-def test_health_is_503_while_the_model_loads(model_path, tmp_path):
+def test_health_is_503_while_the_model_loads(model_path):
     """In-process, with a loader that waits for the test: /health and the API answer 503
     (Loading model) until the weights are in, then 200."""
     import diffcli
     from diffcli.engine.loading import open_model_file
     from diffcli.serve.runner import Settings
-    from diffcli.serve.server import serve
 
     mf = open_model_file(model_path, sampler_overrides={"max_steps": 2})
-    gate, stop, logs = threading.Event(), threading.Event(), []
+    gate = threading.Event()
 
     def load():
         gate.wait(60)
         return diffcli.load(model_path, dtype="f32")
-    settings = Settings(model_name="tiny", context=4096)
-    thread = threading.Thread(target=serve, args=(mf, settings), daemon=True,
-                              kwargs=dict(host=HOST, port=0, load=load, log=logs.append, stop=stop))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not any("listening on" in m for m in logs):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    port = int(re.search(r":(\d+) ", next(m for m in logs if "listening on" in m)).group(1))
-    try:
-        status, headers, body = raw(port, "GET", "/health")
-        assert status == 503 and body["status"] == "loading" and headers["retry-after"] == "1"
-        status, _, body = raw(port, "POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 4})
-        assert status == 503 and body["error"]["message"] == "Loading model"
-        gate.set()
-        deadline = time.monotonic() + 30
-        while raw(port, "GET", "/health")[0] != 200:
-            assert time.monotonic() < deadline, logs
-            time.sleep(0.02)
+    with in_process(mf, Settings(model_name="tiny", context=4096), load) as (port, logs):
+        try:
+            status, headers, body = raw(port, "GET", "/health")
+            assert status == 503 and body["status"] == "loading" and headers["retry-after"] == "1"
+            status, _, body = raw(port, "POST", "/v1/chat/completions", {"messages": HI, "max_tokens": 4})
+            assert status == 503 and body["error"]["message"] == "Loading model"
+        finally:
+            gate.set()
+        wait_ready(port)
         status, _, body = raw(port, "POST", "/v1/chat/completions",
                               {"messages": HI, "max_tokens": 4, "seed": 1})
         assert status == 200 and body["usage"]["completion_tokens"] <= 4
-    finally:
-        gate.set()
-        stop.set()
-        thread.join(30)
-    assert not thread.is_alive()
