@@ -181,6 +181,8 @@ def test_multi_turn_reuses_the_prompt_cache(client):
 BAD = [
     ("not json", b"{\"messages\": [", "not valid JSON"),
     ("not an object", b"[1, 2]", "must be a JSON object"),
+    ("nested too deeply", b"[" * 200000 + b"]" * 200000, "nested too deeply"),
+    ("not UTF-8", b'{"messages": "\xff"}', "UTF-8"),
     ("no messages", {"model": "tiny"}, "messages"),
     ("empty messages", {"messages": []}, "messages"),
     ("messages not a list", {"messages": "hi"}, "messages"),
@@ -191,6 +193,8 @@ BAD = [
     ("temperature out of range", {"messages": HI, "temperature": 7}, "temperature"),
     ("n > 1", {"messages": HI, "n": 2}, "n must be 1"),
     ("empty stop", {"messages": HI, "stop": [""]}, "stop string"),
+    ("stop string too long", {"messages": HI, "stop": "x" * 2000}, "at most 1024"),
+    ("too many stop strings", {"messages": HI, "stop": ["a"] * 17}, "at most 16"),
     ("tools", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool"),
     ("image part", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "only text parts"),

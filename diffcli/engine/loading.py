@@ -83,7 +83,7 @@ def load_model(path: str, device: str, *, dtype: str = "auto", n_gpu_layers: int
                log: Callable[[str], None] | None = None):
     """diffcli.load with the placement flags (-ngl, --n-cpu-moe, -ot, --no-mmap); a placement
     that splits the model across devices is logged in one line."""
-    from ..model.diffusion_gemma import load
+    from .. import load           # the public API (so a caller's patched diffcli.load is used)
     if threads > 0:
         import torch
         torch.set_num_threads(threads)

@@ -23,6 +23,7 @@ SAMPLER_FIELDS = {
 }
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024       # each: held-back prefixes are checked against every new canvas
 
 
 class ApiError(Exception):
@@ -122,6 +123,8 @@ def parse(model: type[_Body], raw: bytes) -> _Body:
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno} "
                             f"column {exc.colno})") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(k for k in obj if k.startswith("diffusion_") and k not in model.model_fields)
@@ -148,6 +151,8 @@ def check(req: _Body) -> None:
         raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
     if any(s == "" for s in stops):
         raise ApiError(400, "a stop string must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
     if isinstance(req, ChatRequest):
         if req.logprobs or req.top_logprobs:
             raise ApiError(400, "logprobs are not supported", param="logprobs")

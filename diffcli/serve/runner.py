@@ -132,7 +132,7 @@ def _work(endpoint: str, mf, settings: Settings, req, ids: list[int], *, reasoni
                            param="max_tokens", code="context_length_exceeded")
     try:
         sampler = dataclasses.replace(mf.sampler, **sampler_overrides(req))
-    except InputError as exc:
+    except InputError as exc:          # SamplerConfig names the setting: "... t_min=0.9 ..."
         name = exc.problem.split("=")[0].split()[-1]
         param = next((f for f, n in SAMPLER_FIELDS.items() if n == name), None)
         raise ApiError(400, f"{param or 'sampler'}: {exc.problem}", param=param) from None

@@ -23,6 +23,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable
 
+from ..errors import InputError
 from .protocol import ApiError, new_id
 
 
@@ -170,6 +171,8 @@ class Scheduler:
             outcome = self.run(job)
         except ApiError as exc:
             job.emit("error", exc)
+        except InputError as exc:                # what the request asked for cannot be done
+            job.emit("error", ApiError(400, exc.message))
         except Exception as exc:                # a bug or an environment problem: this job only
             self.log(f"diffcli serve: error in {job.id}: {type(exc).__name__}: {exc}")
             job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))

@@ -8,7 +8,6 @@ finishes and is delivered, then the process exits 0; a second Ctrl-C stops at on
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 from typing import Any, Callable
 
@@ -46,11 +45,13 @@ def serve(mf, settings: Settings, *, host: str, port: int, load: Callable[[], An
     bound = sock.getsockname()[1]
     scheduler = Scheduler(settings.max_queue, log=log)
     app = create_app(mf, settings, scheduler)
-    # sse-starlette cuts every open stream on SIGTERM by default; the request in flight must finish
+    # sse-starlette cuts every open stream on SIGTERM by default; the request in flight must finish.
+    # Its flag is process-wide: a server stopped earlier in this process must not cut this one's.
     AppStatus.disable_automatic_graceful_drain()
+    AppStatus.should_exit = False
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             server_header=False, timeout_graceful_shutdown=None)
-    server = _Server(config, scheduler)
+    server = _Server(config, scheduler, log)
     failure: list[BaseException] = []
 
     def loader() -> None:
@@ -80,7 +81,6 @@ def serve(mf, settings: Settings, *, host: str, port: int, load: Callable[[], An
     try:
         server.run(sockets=[sock])
     finally:
-        AppStatus.should_exit = True
         scheduler.close(timeout=5.0)
         sock.close()
     if failure:
@@ -91,9 +91,9 @@ def serve(mf, settings: Settings, *, host: str, port: int, load: Callable[[], An
 class _Server(uvicorn.Server):
     """uvicorn's Server, told about the scheduler: a stop signal first drains the queue."""
 
-    def __init__(self, config: uvicorn.Config, scheduler: Scheduler):
+    def __init__(self, config: uvicorn.Config, scheduler: Scheduler, log: Callable[[str], None]):
         super().__init__(config)
-        self.scheduler = scheduler
+        self.scheduler, self.log = scheduler, log
 
     def handle_exit(self, sig, frame) -> None:
         first = not self.should_exit
@@ -102,8 +102,8 @@ class _Server(uvicorn.Server):
         # ends normally instead (exit 0)
         self._captured_signals.clear()
         if first:
-            print("diffcli serve: stopping: finishing the request in flight, refusing the rest "
-                  "(Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+            self.log("diffcli serve: stopping: finishing the request in flight, refusing the rest "
+                     "(Ctrl-C again to stop now)")
             self.scheduler.drain()
 
 
