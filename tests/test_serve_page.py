@@ -118,6 +118,10 @@ def test_the_page_chats_and_draws_the_canvas_live(server, browser):
     assert f"({want2.usage.prompt_tokens} tok," in got2["stats"]
     cached = int(got2["stats"].split(" cached")[0].rsplit(", ", 1)[1])
     assert 0 < cached < want2.usage.prompt_tokens
+    shot = os.environ.get("DIFFCLI_PAGE_SCREENSHOT")    # a picture of the page, for the notes
+    if shot:
+        browser.set_window_size(1200, 900)
+        browser.save_screenshot(shot)
 
 
 def test_the_page_shows_an_api_error(server, browser):
