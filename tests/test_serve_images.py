@@ -151,6 +151,60 @@ def test_a_chat_turn_after_an_image_reuses_the_image_prefix(client, files, ref):
     assert BUDGET < r2.usage.prompt_tokens_details.cached_tokens < r2.usage.prompt_tokens
 
 
+def test_the_image_is_its_pixels_whatever_the_format(client, files, tmp_path):
+    """The same pixels as PNG and as lossless WebP: the same prompt, reply and cache key."""
+    Image.open(files / "a.png").save(tmp_path / "a.webp", lossless=True)
+    def content(path):
+        return [image_part(data_url(path)), {"type": "text", "text": "Again?"}]
+    r_png = ask(client, content(files / "a.png"), max_tokens=16, seed=2)
+    r_webp = ask(client, content(tmp_path / "a.webp"), max_tokens=16, seed=2)
+    assert r_webp.choices[0].message.content == r_png.choices[0].message.content
+    assert r_webp.usage.prompt_tokens_details.cached_tokens == r_webp.usage.prompt_tokens
+
+
+def test_a_photo_sized_image_over_4_mib_is_taken(client, files, ref, tmp_path):
+    """With --mmproj the body limit is 32 MiB: a 1500 x 1000 noise PNG is about 6 MiB in base64."""
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (1000, 1500, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    url = data_url(tmp_path / "big.png")
+    assert len(url) > 5 << 20
+    r = ask(client, [image_part(url), {"type": "text", "text": "Hi"}], max_tokens=16, seed=4)
+    from diffcli.media.image import prepare_image
+    from diffcli.text.chat import ChatTemplate, Conversation
+    conv = Conversation(ChatTemplate(ref.tok.chat_template), ref.tok)
+    conv.add_user("Hi", images=[prepare_image(tmp_path / "big.png", 16, max_soft_tokens=BUDGET)])
+    ids, slots = conv.prompt()
+    want = ref.tokens(ids, 16, 4, images=ref.image_spans(ref.tower, slots))
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == ref.answer(want)
+
+
+def test_the_tower_runs_once_per_distinct_image_among_the_recent_ones():
+    from diffcli.engine.images import ImageEmbedder
+    from diffcli.media.image import prepare_image
+
+    class Tower:              # counts its runs; soft tokens that say which pixels they came from
+        calls = 0
+
+        def embed(self, pixels, grid):
+            Tower.calls += 1
+            return pixels[: grid[0] * grid[1] // 9, :4].clone()
+    rng = np.random.default_rng(0)
+    imgs = [prepare_image(Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)), 16,
+                          max_soft_tokens=BUDGET) for _ in range(3)]
+    e = ImageEmbedder(Tower(), keep=2)
+    a, b, c = imgs
+    first = e.spans([(1, a), (200, b)])
+    assert Tower.calls == 2 and [s.key for s in first] == [a.digest, b.digest]
+    again = e.spans([(1, a), (200, b)])
+    assert Tower.calls == 2 and all(torch.equal(x.embeds, y.embeds) for x, y in zip(first, again))
+    e.spans([(1, c)])                     # c in, a (the least recently used) out
+    assert Tower.calls == 3
+    e.spans([(1, b)])
+    assert Tower.calls == 3               # b was kept
+    e.spans([(1, a)])
+    assert Tower.calls == 4 and len(e.cache) == 2 and c.digest not in e.cache
+
+
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height (a pixel bomb: decoding it would need
     3 * width * height bytes); its pixel data is a few bytes of nothing."""
