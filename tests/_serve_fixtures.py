@@ -153,9 +153,10 @@ class Reference:
         conv.messages = [dict(m) for m in messages]
         return conv.prompt_ids()
 
-    def tokens(self, ids, max_tokens: int, seed: int, **sampler) -> list[int]:
+    def tokens(self, ids, max_tokens: int, seed: int, images=(), **sampler) -> list[int]:
         """The first max_tokens tokens the library generates, on one thread as the server does
-        (the same reduction order, so the same floats and the same tokens)."""
+        (the same reduction order, so the same floats and the same tokens). `images`: the
+        prompt's image spans (`image_spans`)."""
         import dataclasses
 
         import torch
@@ -164,13 +165,38 @@ class Reference:
         torch.set_num_threads(1)
         try:
             done = diffcli.generate(self.model, ids, max_new_tokens=max_tokens, seed=seed,
-                                    sampler=s, eog_ids=self.tok.eog_ids)
+                                    sampler=s, eog_ids=self.tok.eog_ids, images=tuple(images))
         finally:
             torch.set_num_threads(threads)
         return done.tokens[:max_tokens]
 
+    def image_spans(self, tower, slots) -> list:
+        """(first soft token index, prepared image) -> ImageSpan: the vision tower run here, on
+        one thread as in the server."""
+        import torch
+        from diffcli.model.images import ImageSpan
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [ImageSpan(start, tower.embed(torch.from_numpy(img.pixels), img.grid), img.digest)
+                    for start, img in slots]
+        finally:
+            torch.set_num_threads(threads)
+
     def answer(self, tokens) -> str:
         return split_thinking(self.tok.decode(tokens))[1]
+
+
+def data_url(path: Path, mime: str | None = None) -> str:
+    """An image file as the data: URL an OpenAI client sends in an image_url part."""
+    import base64
+    mime = mime or {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+                    ".webp": "image/webp"}[Path(path).suffix.lower()]
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 @contextlib.contextmanager

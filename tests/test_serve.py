@@ -197,7 +197,7 @@ BAD = [
     ("too many stop strings", {"messages": HI, "stop": ["a"] * 17}, "at most 16"),
     ("tools", {"messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool"),
     ("image part", {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "only text parts"),
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "start it with --mmproj"),
     ("tool role", {"messages": [{"role": "tool", "content": "x"}]}, "not supported"),
     ("logprobs", {"messages": HI, "logprobs": True}, "logprobs"),
     ("json mode", {"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),

@@ -20,7 +20,7 @@ from .session import log
 # run's flags that serve does not take (one prompt, terminal output)
 NOT_SERVED = {"prompt", "file", "system", "conversation", "diffusion_visual",
               "diffusion_visual_progress", "diffusion_visual_interval", "show_thinking", "json",
-              "trace"}
+              "trace", "image"}
 SERVE_ONLY = ("host", "port", "api_key", "alias", "max_queue")
 
 
@@ -89,7 +89,11 @@ def serve_cmd(ctx: click.Context, **kwargs) -> None:
         thinking=bool(template_kwargs.pop("enable_thinking", opts.thinking_enabled())),
         template_kwargs=template_kwargs, use_template=not opts.no_chat_template,
         kv_cache=opts.diffusion_kv_cache != "off", max_queue=server_args["max_queue"],
-        api_key=server_args["api_key"] or None, log_requests=not opts.no_perf)
+        api_key=server_args["api_key"] or None, log_requests=not opts.no_perf,
+        mmproj=opts.mmproj, image_max_tokens=opts.image_max_tokens)
+    if opts.mmproj is not None:     # checked against the model before the server listens
+        from ..engine.images import vision_config
+        settings.vision = vision_config(opts.mmproj, mf.config, mf.tokenizer)
     device = resolve_device("cpu" if opts.n_gpu_layers == 0 and opts.device == "auto" else opts.device)
     for note in opts.ignored_notes():
         log(note)
@@ -99,7 +103,8 @@ def serve_cmd(ctx: click.Context, **kwargs) -> None:
         f"diffusion_eb: "
         f"max_steps={s.max_steps} t=[{s.t_min:.2f},{s.t_max:.2f}] entropy_bound={s.entropy_bound:g} "
         f"stability={s.stability} confidence={s.confidence:g}; thinking "
-        f"{'on' if settings.thinking else 'off'} by default")
+        f"{'on' if settings.thinking else 'off'} by default; images "
+        f"{'on (--mmproj)' if settings.vision is not None else 'off (no --mmproj)'}")
 
     def load():
         model = load_model(opts.model, device, dtype=opts.dtype, n_gpu_layers=opts.n_gpu_layers,

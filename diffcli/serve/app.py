@@ -46,7 +46,7 @@ def create_app(mf, settings: Settings, scheduler: Scheduler) -> Starlette:
                                 "Bearer KEY' with the key given to --api-key", code="invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
-        cap = settings.max_body_bytes
+        cap = settings.body_limit
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
             raise ApiError(413, f"the request body is {declared} bytes; the limit is {cap}",

@@ -24,6 +24,7 @@ SAMPLER_FIELDS = {
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024       # each: held-back prefixes are checked against every new canvas
+MAX_IMAGES = 16             # per request (a chat resends its earlier images with every turn)
 
 
 class ApiError(Exception):
@@ -48,14 +49,26 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
-class TextPart(_Body):
+class ImageUrl(_Body):
+    url: str
+    detail: str | None = None          # accepted; the image budget is the server's --image-max-tokens
+
+
+class ContentPart(_Body):
+    """A part of a message's content: `{"type": "text", "text": ...}` or `{"type": "image_url",
+    "image_url": {"url": "data:image/png;base64,..."}}` (the URL may also be a plain string)."""
     type: str
     text: str | None = None
+    image_url: ImageUrl | str | None = None
+
+    @property
+    def url(self) -> str | None:
+        return self.image_url.url if isinstance(self.image_url, ImageUrl) else self.image_url
 
 
 class Message(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[Any] | None = None
 
@@ -172,9 +185,19 @@ def check(req: _Body) -> None:
             if m.tool_calls:
                 raise ApiError(400, "tool calls are not supported yet", param=f"messages.{i}.tool_calls")
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
-                if part.type != "text" or part.text is None:
-                    raise ApiError(400, f"messages.{i}.content.{j}: only text parts are supported "
-                                        f"(got {part.type!r})", param=f"messages.{i}.content")
+                where = f"messages.{i}.content.{j}"
+                if part.type == "text":
+                    if part.text is None:
+                        raise ApiError(400, f"{where}: a text part needs a \"text\" string", param=where)
+                elif part.type == "image_url":
+                    check_image_part(part, m.role, where)
+                else:
+                    raise ApiError(400, f"{where}: only text and image_url parts are supported "
+                                        f"(got {part.type!r})", param=where)
+        n_images = len(image_parts(req))
+        if n_images > MAX_IMAGES:
+            raise ApiError(400, f"the messages have {n_images} images; a request may have at most "
+                                f"{MAX_IMAGES}", param="messages")
     else:
         if req.echo:
             raise ApiError(400, "echo is not supported", param="echo")
@@ -189,6 +212,29 @@ def check(req: _Body) -> None:
             raise ApiError(400, "one prompt per request", param="prompt")
         if isinstance(req.prompt, list) and not req.prompt:
             raise ApiError(400, "the prompt is empty", param="prompt")
+
+
+def check_image_part(part: ContentPart, role: str, where: str) -> None:
+    """What can be told about an image part without decoding it (that happens off the event loop)."""
+    if role != "user":
+        raise ApiError(400, f"{where}: images are taken in user messages only (this is a {role} "
+                            "message)", param=where)
+    url = part.url
+    if not url:
+        raise ApiError(400, f"{where}: an image_url part needs {{\"url\": \"data:image/...;base64,...\"}}",
+                       param=where)
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme != "data":
+        got = f", not a {scheme}: URL" if scheme.isalpha() and len(scheme) <= 16 else ""
+        raise ApiError(400, f"{where}: image_url must be a data: URL{got}; diffcli fetches nothing "
+                            "from the network: send the image inline as data:image/png;base64,...",
+                       param=where)
+
+
+def image_parts(req: _Body) -> list[tuple[int, int, ContentPart]]:
+    """(message index, part index, part) of every image part of a chat request, in order."""
+    return [(i, j, p) for i, m in enumerate(getattr(req, "messages", ()))
+            if isinstance(m.content, list) for j, p in enumerate(m.content) if p.type == "image_url"]
 
 
 def stop_strings(req: _Body) -> tuple[str, ...]:

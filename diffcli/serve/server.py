@@ -57,9 +57,16 @@ def serve(mf, settings: Settings, *, host: str, port: int, load: Callable[[], An
     def loader() -> None:
         try:
             model = load()
+            vision = None
+            if settings.mmproj is not None:
+                from ..engine.images import open_vision
+                vision = open_vision(settings.mmproj, model, mf.tokenizer)
+                n = vision.config.n_layer
+                log(f"diffcli serve: vision tower {settings.mmproj} ({n} layer{'s' * (n != 1)}, "
+                    f"{settings.image_max_tokens} soft tokens per image)")
             scheduler.run = Runner(model, mf.tokenizer, mf.canvas_length,
                                    kv_cache=settings.kv_cache,
-                                   log=log if settings.log_requests else None)
+                                   log=log if settings.log_requests else None, vision=vision)
             log(f"diffcli serve: ready: {settings.model_name} at http://{_url_host(host)}:{bound}/v1 "
                 f"(the canvas page at http://{_url_host(host)}:{bound}/)")
         except BaseException as exc:        # reported by serve() after the server stops
