@@ -246,6 +246,8 @@ HOSTILE_TEMPLATES = [
     "{%- for m in messages -%}{{ m.role }}: {{ m.content }}{%- endfor -%}",
     "{{ '%*s' % (10**10, 'x') }}", "{{ 10 ** 1000000 }}", "{{ [1] * 10**9 }}",
     "{{ tools|tojson(indent=10**9) }}", "{{ '{:>99999999999}'.format(1) }}", "{{ }}",
+    "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "{% set a = range(100000)|list %}{% for i in a %}{% for j in a %}{{ i }}{% endfor %}{% endfor %}",
 ]
 
 
@@ -450,7 +452,8 @@ def exercise(path, load: bool = True) -> str:
     """Open, inspect, tokenize, render the chat template of and load `path`, as `diffcli inspect`
     and `diffcli run` would. Returns how far it got ("ok" at the end). A DiffcliError propagates
     (the expected way to fail); anything else is a foreign exception. Raises Inconsistent when
-    inspect calls the file runnable and loading it refuses, or the other way round."""
+    inspect calls the file runnable and `run`'s steps (open_model_file, diffcli.load) refuse it,
+    or the other way round."""
     from diffcli.cli.inspect import describe, render_text
     from diffcli.engine.loading import open_model_file
     from diffcli.errors import DiffcliError
@@ -458,22 +461,23 @@ def exercise(path, load: bool = True) -> str:
     from diffcli.text.chat import encode_prompt
 
     f = open_gguf(path)
-    d = describe(f)
+    d = describe(f)                  # config, tensors, sampler keys, tokenizer, template
     render_text(d, verbose=True)
     if d["architecture"] != "diffusion-gemma":
         return "other architecture"
     for name in f.tensor_names[:4]:
         f.tensor(name)
+    if not load:
+        return "inspected"
     try:
         mf = open_model_file(path)
-        if load:
-            import diffcli
-            diffcli.load(path, device="cpu", dtype="f32")
+        import diffcli
+        diffcli.load(path, device="cpu", dtype="f32")
     except DiffcliError as exc:
-        if d["runnable"] and load:
+        if d["runnable"]:
             raise Inconsistent(f"inspect: runnable; run: {exc.message}") from None
         raise
-    if not d["runnable"] and load:
+    if not d["runnable"]:
         raise Inconsistent("inspect: " + "; ".join(d["problems"]) + "; run: accepted")
     tok = mf.tokenizer
     ids = tok.encode("Hello world\n\n<|turn>user <bos> \u00e9\U0001f600")
@@ -481,3 +485,12 @@ def exercise(path, load: bool = True) -> str:
     tok.decode(list(range(len(tok))), special=True)
     encode_prompt(tok, mf.template.render(MESSAGES))
     return "ok"
+
+
+def scratch_dir(fallback) -> str:
+    """A directory in memory (/dev/shm) when there is one: writing mutants is most of the I/O."""
+    import os
+    import tempfile
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return tempfile.mkdtemp(prefix="diffcli-fuzz-", dir="/dev/shm")
+    return str(fallback)

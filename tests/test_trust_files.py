@@ -17,7 +17,7 @@ from diffcli.cli import cli
 from diffcli.errors import InputError
 from diffcli.gguf.reader import open_gguf
 from diffcli.model.config import ModelConfig
-from diffcli.text.chat import ChatTemplate, TemplateLimits
+from diffcli.text.chat import ChatTemplate
 from diffcli.text.tokenizer import Tokenizer
 
 
@@ -331,6 +331,8 @@ def test_hostile_templates_end_in_one_input_error_line(name):
 
 def test_render_time_is_bounded(monkeypatch):
     """An exponential macro makes few steps per second; the wall-clock bound stops it."""
+    from diffcli.text.chat import TemplateLimits
+
     class Quick(TemplateLimits):
         seconds = 0.2
     src = ("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"

@@ -98,10 +98,10 @@ class TemplateLimits:
     make, and `budget` what they may make in all; both grow with the size of the messages so a
     long prompt is never refused for being long. `seconds` bounds the wall time."""
 
-    steps = 1_000_000
+    steps = 250_000
     chars = 1 << 22
     budget = 1 << 26
-    seconds = 5.0
+    seconds = 1.0
     int_bits = 1 << 16           # integers from `*` and `**`
     range = 100_000              # the sandbox's own limit on range()
 
