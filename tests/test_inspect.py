@@ -60,9 +60,11 @@ def test_real_gemma3_file(real_gguf):
 
 def test_diffusion_gemma_json(tiny):
     res = inspect(tiny, "--json")
-    assert res.exit_code == 0, res.output
+    # the tiny file holds six tensors and no tokenizer: shown in full, then refused as run does
+    assert_exit_2_one_line(res, tiny, "'self_cond_pre_norm.weight' is missing", "no tokenizer")
     d = json.loads(res.stdout)
-    assert d["runnable"] and d["architecture"] == "diffusion-gemma"
+    assert not d["runnable"] and d["architecture"] == "diffusion-gemma"
+    assert len(d["problems"]) == 2
     cfg = dataclasses.asdict(ModelConfig.from_gguf(open_gguf(tiny)))
     assert d["config"] == json.loads(json.dumps(cfg))
     assert d["type_mix"] == {"Q8_0": 4, "F32": 2}
@@ -84,7 +86,7 @@ def test_diffusion_gemma_json(tiny):
 
 def test_diffusion_gemma_text_and_verbose(tiny):
     res = inspect(tiny)
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 2 and "problem" in res.stdout, res.output
     out = res.stdout
     assert "model config" in out and "full attention at 3, 5" in out
     assert "max_steps=48" in out                                  # defaults: no eb_* keys
@@ -94,6 +96,14 @@ def test_diffusion_gemma_text_and_verbose(tiny):
     verbose = inspect(tiny, "--verbose").stdout
     assert "blk.0.attn_q.weight" in verbose and "blk.1.attn_q.weight" in verbose
     assert "diffusion.canvas_length = 16" in verbose
+
+
+def test_a_complete_file_is_runnable(tmp_path):
+    from diffcli.testing import make_random_gguf
+    res = inspect(make_random_gguf(tmp_path / "full.gguf"), "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["runnable"] and d["problems"] == []
 
 
 def test_rich_tables_on_a_terminal(tiny):

@@ -67,6 +67,35 @@ def runtime_estimate(cfg: ModelConfig, f: GGUFFile, act_bytes: int,
             "total": embed + kv + logits + work}
 
 
+def _check(problems: list[str], fn, *args):
+    """fn(*args), or None with its InputError's message added to `problems`."""
+    try:
+        return fn(*args)
+    except DiffcliError as exc:
+        problems.append(exc.problem + (f"; {exc.fix}" if exc.fix else ""))
+        return None
+
+
+def runtime_problems(f: GGUFFile, cfg: ModelConfig, skip_types: bool = False) -> list[str]:
+    """What `diffcli run` would refuse besides the config, checked the way it checks them: the
+    tensors (names, shapes, types), the sampler keys, the tokenizer and the chat template."""
+    from ..generation.sampler import SamplerConfig
+    from ..model.weights import validate
+    from ..text.chat import ChatTemplate
+    from ..text.tokenizer import Tokenizer
+
+    problems: list[str] = []
+    shapes: list[str] = []
+    _check(shapes, validate, f, cfg)
+    if not (skip_types and shapes and "cannot run" in shapes[0]):
+        problems += shapes
+    _check(problems, SamplerConfig.resolve, cfg)
+    tok = _check(problems, Tokenizer.from_gguf, f)
+    if tok is not None and tok.chat_template:
+        _check(problems, lambda: ChatTemplate(tok.chat_template, path=str(f.path)))
+    return problems
+
+
 def describe(f: GGUFFile) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
     tensors = []
@@ -80,11 +109,8 @@ def describe(f: GGUFFile) -> dict[str, Any]:
     config = None
     memory: dict[str, Any] = {"file": f.file_size}
     if f.architecture == ARCH:
-        try:
-            cfg = ModelConfig.from_gguf(f)
-        except DiffcliError as exc:
-            problems.append(exc.problem + (f"; {exc.fix}" if exc.fix else ""))
-        else:
+        cfg = _check(problems, ModelConfig.from_gguf, f)
+        if cfg is not None:
             config = dataclasses.asdict(cfg)
             ctx = min(RUNTIME_CONTEXT, cfg.context_length)
             memory["runtime_cpu_f32"] = runtime_estimate(cfg, f, 4, ctx)
@@ -93,6 +119,8 @@ def describe(f: GGUFFile) -> dict[str, Any]:
         if unsupported:
             problems.append(f"tensor types without a dequantiser: {', '.join(unsupported)}; "
                             "re-quantize the model to Q4_K_M or Q8_0")
+        if cfg is not None:
+            problems += runtime_problems(f, cfg, skip_types=bool(unsupported))
     return {
         "file": str(f.path),
         "file_size": f.file_size,

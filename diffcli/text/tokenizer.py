@@ -66,7 +66,11 @@ class Tokenizer:
             if cut > 0:
                 pairs.append((m[:cut], m[cut + 1:]))
         unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
-        bpe = BPE(self._vocab, pairs, unk_token=unk, byte_fallback=True, fuse_unk=True)
+        try:
+            bpe = BPE(self._vocab, pairs, unk_token=unk, byte_fallback=True, fuse_unk=True)
+        except Exception as exc:   # the library raises a bare Exception; from_gguf checks first
+            raise InputError(f"the tokenizer cannot be built: {' '.join(str(exc).split())}",
+                             fix="convert the model again with its tokenizer") from None
         self._bpe = _HFTokenizer(bpe)        # no normalizer or pre-tokenizer: we feed it pieces
         self._special_re: dict[bool, re.Pattern | None] = {}
         self._pieces: list[bytes] | None = None
@@ -87,22 +91,33 @@ class Tokenizer:
                              path=path, fix="convert the model again with its tokenizer")
         model = md.get("tokenizer.ggml.model", "gemma4")
         if model not in ("gemma4", "llama", "gpt2"):
-            raise InputError(f"unsupported tokenizer model {model!r}", path=path,
+            raise InputError(f"unsupported tokenizer model {_show(model)}", path=path,
                              fix="diffcli reads Gemma-4 style BPE vocabularies (tokenizer.ggml.model = gemma4)")
+        tokens, types, merges = check_vocabulary(md, path)
+        n = len(tokens)
 
         def opt_id(key: str, default: int | None) -> int | None:
             v = md.get(key, default)
-            return None if v is None else int(v)
+            if v is None:
+                return None
+            if type(v) is not int or not 0 <= v < n:
+                raise InputError(f"{key} is {_show(v)}, not a token id (0 to {n - 1:,})", path=path,
+                                 fix="fix that key (gguf-set-metadata) or convert the model again")
+            return v
 
-        return cls(tokens, md.get("tokenizer.ggml.token_type") or [],
-                   md.get("tokenizer.ggml.merges") or [],
+        template = md.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise InputError(f"tokenizer.chat_template is {_show(template)}, not a string", path=path,
+                             fix="fix that key (gguf-set-metadata) or convert the model again")
+        add_bos = md.get("tokenizer.ggml.add_bos_token", True)
+        return cls(tokens, types, merges,
                    bos_id=opt_id("tokenizer.ggml.bos_token_id", 2),
                    eos_id=opt_id("tokenizer.ggml.eos_token_id", 1),
                    unk_id=opt_id("tokenizer.ggml.unknown_token_id", 3),
                    pad_id=opt_id("tokenizer.ggml.padding_token_id", 0),
                    # llama.cpp forces add_bos for Gemma 4 (spec §D.1 step 6)
-                   add_bos=True if model == "gemma4" else bool(md.get("tokenizer.ggml.add_bos_token", True)),
-                   chat_template=md.get("tokenizer.chat_template"), model_name=model)
+                   add_bos=True if model == "gemma4" else add_bos is True,
+                   chat_template=template, model_name=model)
 
     # ---- lookups ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -208,6 +223,52 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
+
+
+def _show(value, limit: int = 40) -> str:
+    """A token or value for a one-line message: quoted, newlines and NULs escaped, shortened."""
+    if isinstance(value, list):
+        return f"a list of {len(value):,} values"
+    text = repr(value[:limit] if isinstance(value, str) else value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
+
+
+def check_vocabulary(md: dict, path) -> tuple[list[str], list[int], list[str]]:
+    """The tokens, token types and merges of a GGUF's metadata, checked the way the BPE model
+    needs them: strings, one type (0 to 6) per token, merges "left right" whose two parts and
+    their concatenation are all tokens. Raises InputError naming the key and the entry."""
+    def fail(problem: str):
+        raise InputError(problem, path=path, fix="convert the model again with its tokenizer")
+
+    tokens = md.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(type(t) is str for t in tokens):
+        fail(f"tokenizer.ggml.tokens must be an array of strings, not {_kind(tokens)}")
+    types = md.get("tokenizer.ggml.token_type") or []
+    if not isinstance(types, list) or not all(type(t) is int and 0 <= t <= BYTE for t in types):
+        fail(f"tokenizer.ggml.token_type must be an array of token types (0 to {BYTE}), not "
+             f"{_kind(types)}")
+    if types and len(types) != len(tokens):
+        fail(f"tokenizer.ggml.token_type has {len(types):,} entries for {len(tokens):,} tokens")
+    merges = md.get("tokenizer.ggml.merges") or []
+    if not isinstance(merges, list) or not all(type(m) is str for m in merges):
+        fail(f"tokenizer.ggml.merges must be an array of strings, not {_kind(merges)}")
+    vocab = set(tokens)
+    for i, m in enumerate(merges):
+        cut = m.find(" ", 1)
+        if cut <= 0:
+            fail(f"tokenizer.ggml.merges entry {i} ({_show(m)}) is not two tokens separated by a space")
+        for part in (m[:cut], m[cut + 1:], m[:cut] + m[cut + 1:]):
+            if part not in vocab:
+                fail(f"tokenizer.ggml.merges entry {i} ({_show(m)}) needs the token {_show(part)}, "
+                     "which is not in the vocabulary")
+    return tokens, types, merges
+
+
+def _kind(value) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(x).__name__ for x in value})
+        return f"an array of {'/'.join(kinds) or 'nothing'}"
+    return f"a {type(value).__name__}"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
