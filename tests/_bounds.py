@@ -42,3 +42,23 @@ def matmul_bound(x: torch.Tensor, w: torch.Tensor, dtype: torch.dtype = torch.fl
     (|x| @ |w|.T). `evaluations=1` when the other side is exact (float64 of the same inputs)."""
     mag = x.double().abs() @ w.double().abs().T
     return evaluations * gamma(x.shape[-1], dtype) * mag
+
+
+def decode_magnitude(raw: torch.Tensor, qtype: str, shape: tuple[int, int],
+                     w: torch.Tensor) -> torch.Tensor:
+    """M [N, K] (float64): the magnitude of the terms a kernel adds to decode each weight, so that
+    a decoder evaluated in another order (or with the product fused into an FMA, as a C++ compiler
+    or the GPU may do) is within 2 u M of the exact weight `w`. One-product formats (q * d,
+    (d * sc) * q, the float types) decode to |w| exactly up to that one rounding: M = |w|. Q4_K is
+    (d * sc) * q - dmin * m: M = |d sc q| + |dmin m| <= |w| + 2 |dmin m|, dmin and the 6-bit mins
+    read from the block bytes (ggml's block_q4_K: f16 d, f16 dmin, 12 scale/min bytes, 128 qs)."""
+    M = w.double().abs()
+    if qtype != "Q4_K":
+        return M
+    N, K = shape
+    blocks = raw.reshape(-1, 144).to(torch.int64)                 # [N * K / 256, 144]
+    dmin = raw.reshape(-1, 144)[:, 2:4].contiguous().view(torch.float16).double()   # [B, 1]
+    s = blocks[:, 4:16]
+    mins = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    dm = (dmin * mins.double()).abs().repeat_interleave(32, dim=1)  # [B, 256]
+    return M + 2 * dm.reshape(N, K)
