@@ -52,7 +52,7 @@ def decode_magnitude(raw: torch.Tensor, qtype: str, shape: tuple[int, int],
     (d * sc) * q, the float types) decode to |w| exactly up to that one rounding: M = |w|. Q4_K is
     (d * sc) * q - dmin * m: M = |d sc q| + |dmin m| <= |w| + 2 |dmin m|, dmin and the 6-bit mins
     read from the block bytes (ggml's block_q4_K: f16 d, f16 dmin, 12 scale/min bytes, 128 qs)."""
-    M = w.double().abs()
+    M = w.double().abs().reshape(shape)
     if qtype != "Q4_K":
         return M
     N, K = shape
@@ -62,3 +62,48 @@ def decode_magnitude(raw: torch.Tensor, qtype: str, shape: tuple[int, int],
     mins = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 0:4] >> 6) << 4)], dim=1)
     dm = (dmin * mins.double()).abs().repeat_interleave(32, dim=1)  # [B, 256]
     return M + 2 * dm.reshape(N, K)
+
+
+def _gelu(v):
+    return torch.nn.functional.gelu(v, approximate="tanh")
+
+
+def moe_exact(x, gu, dn, ids, wts):
+    """ops.moe_experts' semantics in float64 on the dequantized weights."""
+    F = dn.shape[-1]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e, wt in zip(ids[t].tolist(), wts[t].double()):
+            g, u = (gu[e].double() @ x[t].double()).split(F)
+            out[t] += wt * (dn[e].double() @ (_gelu(g) * u))
+    return out
+
+
+def moe_bound(x, gu, dn, ids, wts, M_gu=None, M_dn=None):
+    """Per-output bound on |fp32 moe_experts - exact|, from tests/_bounds.py's dot-product bound
+    (one evaluation in fp32 against the exact one) carried through each stage:
+      g, u = gate/up rows . x:        |dg| <= gamma(K) |G| |x|      (same for u)
+      h = gelu(g) u:                  |dh| <= |gelu'| |dg| |u| + |gelu(g)| |du| + gelu's own
+                                      evaluation, within 16 u |g| |u| (a libm/SIMD exp or tanh is
+                                      within 4 ulps, the half-dozen ops around it add one each)
+                                      and |gelu'| <= 1.13 (its maximum)
+      y = D . h:                      |dy| <= |D| |dh| + gamma(F) |D| (|h| + |dh|)
+      out = sum_a w_a y_a:            |dout| <= sum_a |w_a| (|dy_a| + 2 u |y_a|)
+    Second-order terms are kept (|dg| |du| and the (|h| + |dh|) above). M_gu, M_dn (default
+    |weights|): decode magnitudes (`decode_magnitude`); a kernel's own decoding adds 2 u M."""
+    K, F = x.shape[1], dn.shape[-1]
+    u32 = unit_roundoff(torch.float32)
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        xa = x[t].double().abs()
+        for e, wt in zip(ids[t].tolist(), wts[t].double().abs()):
+            g, u = (gu[e].double() @ x[t].double()).split(F)
+            Mg = gu[e].double().abs() if M_gu is None else M_gu[e]
+            dg, du = ((gamma(K) + 2 * u32) * (Mg @ xa)).split(F)
+            dh = 1.13 * dg * (u.abs() + du) + _gelu(g).abs() * du + 16 * u32 * g.abs() * u.abs()
+            h = (_gelu(g) * u).abs()
+            D = dn[e].double().abs()
+            Md = D if M_dn is None else M_dn[e]
+            y = (dn[e].double() @ (_gelu(g) * u)).abs()
+            out[t] += wt * (D @ dh + (gamma(F) + 2 * u32) * (Md @ (h + dh)) + 2 * u32 * y)
+    return out

@@ -248,7 +248,7 @@ def test_type_ops_on_every_backend(qtype):
     tests/_bounds.py against float64 products of the same values (gamma(K) |x| @ |W|.T)."""
     from diffcli.compute import ops
     from diffcli.gguf.qtensor import QTensor
-    from _bounds import matmul_bound
+    from _bounds import matmul_bound, moe_bound, moe_exact
 
     rng = np.random.default_rng(7)
     t = gguf.GGMLQuantizationType[qtype]
@@ -281,51 +281,8 @@ def test_type_ops_on_every_backend(qtype):
             continue
         out = ops.moe_experts(x, gu, dn, ids, wts)
         assert out.shape == x.shape and torch.isfinite(out).all()
-        err = (out.double() - _moe_exact(x, gu_ref, dn_ref, ids, wts)).abs()
-        assert (err <= _moe_bound(x, gu_ref, dn_ref, ids, wts)).all(), (qtype, b)
-
-
-def _gelu(v):
-    return torch.nn.functional.gelu(v, approximate="tanh")
-
-
-def _moe_exact(x, gu, dn, ids, wts):
-    """ops.moe_experts' semantics in float64 on the dequantized weights."""
-    F = dn.shape[-1]
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        for e, wt in zip(ids[t].tolist(), wts[t].double()):
-            g, u = (gu[e].double() @ x[t].double()).split(F)
-            out[t] += wt * (dn[e].double() @ (_gelu(g) * u))
-    return out
-
-
-def _moe_bound(x, gu, dn, ids, wts):
-    """Per-output bound on |fp32 moe_experts - exact|, from tests/_bounds.py's dot-product bound
-    (one evaluation in fp32 against the exact one) carried through each stage:
-      g, u = gate/up rows . x:        |dg| <= gamma(K) |G| |x|      (same for u)
-      h = gelu(g) u:                  |dh| <= |gelu'| |dg| |u| + |gelu(g)| |du| + gelu's own
-                                      evaluation, within 16 u |g| |u| (a libm/SIMD exp or tanh is
-                                      within 4 ulps, the half-dozen ops around it add one each)
-                                      and |gelu'| <= 1.13 (its maximum)
-      y = D . h:                      |dy| <= |D| |dh| + gamma(F) |D| (|h| + |dh|)
-      out = sum_a w_a y_a:            |dout| <= sum_a |w_a| (|dy_a| + 2 u |y_a|)
-    Second-order terms are kept (|dg| |du| and the (|h| + |dh|) above)."""
-    from _bounds import gamma, unit_roundoff
-    K, F = x.shape[1], dn.shape[-1]
-    u32 = unit_roundoff(torch.float32)
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    for t in range(x.shape[0]):
-        xa = x[t].double().abs()
-        for e, wt in zip(ids[t].tolist(), wts[t].double().abs()):
-            g, u = (gu[e].double() @ x[t].double()).split(F)
-            dg, du = (gamma(K) * (gu[e].double().abs() @ xa)).split(F)
-            dh = 1.13 * dg * (u.abs() + du) + _gelu(g).abs() * du + 16 * u32 * g.abs() * u.abs()
-            h = (_gelu(g) * u).abs()
-            D = dn[e].double().abs()
-            y = (dn[e].double() @ (_gelu(g) * u)).abs()
-            out[t] += wt * (D @ dh + gamma(F) * (D @ (h + dh)) + 2 * u32 * y)
-    return out
+        err = (out.double() - moe_exact(x, gu_ref, dn_ref, ids, wts)).abs()
+        assert (err <= moe_bound(x, gu_ref, dn_ref, ids, wts)).all(), (qtype, b)
 
 
 # -- inspect and run agree ----------------------------------------------------------------------
