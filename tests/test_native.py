@@ -25,6 +25,7 @@ from diffcli.gguf import quants
 from diffcli.compute.backend import set_backend
 from diffcli.gguf.qtensor import QTensor
 
+from _bounds import decode_magnitude, matmul_bound, unit_roundoff
 from _qblocks import random_blocks, reference
 
 QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
@@ -103,9 +104,17 @@ def test_dequantize_bit_exact(lib, qtype):
                        .view(24, 512))
 
 
-def _check_matmul(y, x, ref):
+def _fp32_bound(x, ref, qt):
+    """|fp32 kernel - exact| per output (tests/_bounds.py): a K-term fp32 sum against the exact
+    one, gamma(K) |x| @ |W|.T, plus the weights' decoding in the kernel's own order (2 u M)."""
+    M = decode_magnitude(qt.raw, qt.qtype, tuple(ref.shape), ref)
+    return (matmul_bound(x.double(), ref.double(), evaluations=1)
+            + 2 * unit_roundoff(torch.float32) * (x.double().abs() @ M.T))
+
+
+def _check_matmul(y, x, ref, qt):
     exact = x.double() @ ref.T                                          # [T, N]
-    bound = 1e-5 * (x.double().abs() @ ref.abs().T) + 1e-7              # fp32 accumulation slack
+    bound = _fp32_bound(x, ref, qt)
     assert y.dtype == x.dtype and y.shape == exact.shape
     assert torch.isfinite(y).all()
     err = (y.double() - exact).abs()
@@ -119,7 +128,7 @@ def test_qmatmul(lib, qtype, K, T):
     rng = np.random.default_rng(T)
     qt, ref = _weights(qtype, (37, K), rng)                             # N = 37: a partial tile
     x = torch.from_numpy(rng.standard_normal((T, K)).astype(np.float32))
-    _check_matmul(native.qmatmul(x, qt), x, ref)
+    _check_matmul(native.qmatmul(x, qt), x, ref, qt)
 
 
 def test_qlinear_dispatches_to_native(native_backend):
@@ -127,7 +136,7 @@ def test_qlinear_dispatches_to_native(native_backend):
     qt, ref = _weights("Q4_K", (40, 256), rng)
     x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32))
     y = ops.qlinear(x, qt)
-    _check_matmul(y, x, ref)
+    _check_matmul(y, x, ref, qt)
     assert torch.equal(y, native.qmatmul(x, qt))
     yb = ops.qlinear(x.bfloat16(), qt)                                  # bf16 in, bf16 out
     assert yb.dtype == torch.bfloat16

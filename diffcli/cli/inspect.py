@@ -18,9 +18,9 @@ from typing import Any
 import click
 
 from ..errors import DiffcliError, InputError
-from ..gguf import quants
 from ..gguf.reader import GGUFFile, open_gguf
 from ..model.config import ARCH, ModelConfig
+from ..model.weights import RUNNABLE_TYPES, problems as tensor_problems
 
 RUNTIME_CONTEXT = 4096          # tokens of KV cache assumed by the memory estimate
 _LONG_ARRAY = 8                 # arrays longer than this are summarised in the metadata view
@@ -104,7 +104,7 @@ def describe(f: GGUFFile) -> dict[str, Any]:
         tensors.append({"name": name, "type": info.qtype, "shape": list(info.shape),
                         "bytes": info.nbytes, "offset": info.offset})
     mix = Counter(t["type"] for t in tensors)
-    unsupported = sorted(t for t in mix if t not in quants.SUPPORTED_TYPES)
+    unsupported = sorted(t for t in mix if t not in RUNNABLE_TYPES)
     problems: list[str] = []
     config = None
     memory: dict[str, Any] = {"file": f.file_size}
@@ -116,7 +116,9 @@ def describe(f: GGUFFile) -> dict[str, Any]:
             memory["runtime_cpu_f32"] = runtime_estimate(cfg, f, 4, ctx)
             memory["runtime_gpu_bf16"] = runtime_estimate(cfg, f, 2, ctx)
             memory["runtime_context_tokens"] = ctx
-        if unsupported:
+            # the tensors `load` reads, checked as `load` checks them (model/weights.py)
+            problems += [e.problem + (f"; {e.fix}" if e.fix else "") for e in tensor_problems(f, cfg)]
+        if unsupported and config is None:
             problems.append(f"tensor types without a dequantiser: {', '.join(unsupported)}; "
                             "re-quantize the model to Q4_K_M or Q8_0")
         if cfg is not None:

@@ -5,6 +5,11 @@ token, F expert width.
 
 Backends (see backend.py): `triton` (fused dequant+matmul kernels in diffcli.kernels),
 `native` (C++ library, CPU), `torch` (dequantize, then matmul; always available).
+
+Every op falls back to dequantize -> matmul for a weight type no fused kernel of the chosen
+backend takes, and `dequantize` falls back to the torch reference decoder of quants.FORMATS, so
+every type with a decoder runs on every backend: `RUNNABLE_TYPES`, the one list that `load`
+(model/weights.py) and `diffcli inspect` check files against.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import torch.nn.functional as F
 from ..gguf import quants
 from ..gguf.qtensor import QTensor
 from .backend import backend_for
+
+RUNNABLE_TYPES: frozenset[str] = quants.SUPPORTED_TYPES
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32,

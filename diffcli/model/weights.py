@@ -11,14 +11,16 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compute.ops import RUNNABLE_TYPES
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
 from ..gguf.reader import GGUFFile
 from .config import ModelConfig
 
-# The types a real diffusion-gemma GGUF uses (spec §A.4: Q4_K_M needs Q4_K/Q6_K/Q5_0/Q8_0/F32,
-# Q8_0 needs Q8_0/F32) plus the float types of BF16/F16 conversions.
-SUPPORTED_QTYPES = frozenset({"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K"})
+# The tensor types a model may use: every type compute.ops runs (a fused kernel where one takes
+# the type, dequantize -> matmul elsewhere). `problems` checks files against it for both `load`
+# and `diffcli inspect`, so the two cannot disagree on what runs.
+SUPPORTED_QTYPES = RUNNABLE_TYPES
 
 # attribute -> GGUF name. Model-wide tensors first, then per layer (`{i}` = layer index).
 GLOBAL_NAMES = {
@@ -137,22 +139,52 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def validate(f: GGUFFile, cfg: ModelConfig) -> None:
-    """Every tensor present, with the shape the metadata implies and a type we can run."""
+def problems(f: GGUFFile, cfg: ModelConfig) -> list[InputError]:
+    """Why the model cannot run this file (empty: it runs), one error per kind of problem with
+    the tensors the model reads: missing, of a type diffcli cannot run, of a shape other than
+    the metadata implies. Each names its first tensor and counts the rest. `validate` (load)
+    raises the first; `diffcli inspect` lists them all."""
+    missing, types, shapes = [], {}, []
     for name, shape in expected_shapes(cfg).items():
         if name not in f:
-            raise InputError(f"tensor {name!r} is missing", path=f.path,
-                             fix="the file is incomplete or not a diffusion-gemma model; convert it again")
+            missing.append(name)
+            continue
         info = f.info(name)
-        if info.qtype not in SUPPORTED_QTYPES:
-            raise InputError(f"tensor {name!r} has type {info.qtype}, which diffcli cannot run "
-                             f"(supported: {', '.join(sorted(SUPPORTED_QTYPES))})", path=f.path,
-                             fix="re-quantize the model to Q4_K_M, Q8_0, BF16 or F16")
+        if info.qtype not in RUNNABLE_TYPES:
+            types.setdefault(name, info.qtype)
         got = tuple(info.shape)
         if got != shape and not (len(shape) == 1 and got == (1,) + shape):
-            raise InputError(f"tensor {name!r} has shape {list(got)}, the metadata implies "
-                             f"{list(shape)}", path=f.path,
-                             fix="the file's metadata and tensors disagree; convert it again")
+            shapes.append((name, list(got), list(shape)))
+
+    def more(n: int, what: str) -> str:
+        return f" (and {n} more {what})" if n else ""
+
+    out = []
+    if missing:
+        out.append(InputError(
+            f"tensor {missing[0]!r} is missing{more(len(missing) - 1, 'tensors')}", path=f.path,
+            fix="the file is incomplete or not a diffusion-gemma model; convert it again"))
+    if types:
+        (name, qtype), kinds = next(iter(types.items())), sorted(set(types.values()))
+        out.append(InputError(
+            f"tensor {name!r} has type {qtype}, which diffcli cannot run"
+            f"{more(len(types) - 1, 'tensors of type ' + '/'.join(kinds))} "
+            f"(supported: {', '.join(sorted(RUNNABLE_TYPES))})", path=f.path,
+            fix="re-quantize the model to Q4_K_M, Q8_0, BF16 or F16"))
+    if shapes:
+        name, got, want = shapes[0]
+        out.append(InputError(
+            f"tensor {name!r} has shape {got}, the metadata implies {want}"
+            f"{more(len(shapes) - 1, 'tensors of the wrong shape')}", path=f.path,
+            fix="the file's metadata and tensors disagree; convert it again"))
+    return out
+
+
+def validate(f: GGUFFile, cfg: ModelConfig) -> None:
+    """Every tensor present, with the shape the metadata implies and a type we can run."""
+    found = problems(f, cfg)
+    if found:
+        raise found[0]
 
 
 def load_weights(f: GGUFFile, cfg: ModelConfig, device: torch.device, plan=None,
