@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from diffcli.cli.chat import parse_command
 from _cli_fixtures import FAST as _FAST, make_model, run, trace_records
 
 FAST = [*_FAST, "-t", "1"]       # see one_thread
@@ -203,6 +202,7 @@ def test_chat_json_counts_turns_and_is_not_labelled_cli(model_path):
     ("/usr/bin is a path", None), ("//quit", None), ("hello /quit", None), ("/ 2", None),
 ])
 def test_parse_command(line, want):
+    from diffcli.cli.chat import parse_command
     assert parse_command(line) == want
 
 

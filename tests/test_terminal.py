@@ -98,6 +98,9 @@ def run_on_pty(monkeypatch, args, cols: int, rows: int = 24) -> tuple[int, list[
     monkeypatch.setattr(sys, "stderr", term.tty)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))   # no more chat lines
     monkeypatch.setenv("TERM", "xterm-256color")
+    # Rich sizes its console from fds 0-2 (pytest's, here), else from these
+    monkeypatch.setenv("COLUMNS", str(cols))
+    monkeypatch.setenv("LINES", str(rows))
     monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
     code = 0
@@ -189,6 +192,33 @@ def test_chat_reply_stopped_by_ctrl_c_stays_on_screen(model_path, monkeypatch):
     assert len(squeeze(partial)) > 10
     shown = "\n".join(lines)
     assert squeeze(as_shown(partial)) in squeeze(shown) and "reply stopped" in shown, lines
+
+
+def test_ctrl_c_in_the_middle_of_a_live_redraw_keeps_the_lines_above(model_path, monkeypatch):
+    """-cnv --diffusion-visual, Ctrl-C arriving while Rich redraws the region (here: sent from
+    inside its render of a taller region, after the first segment): the region is still erased
+    exactly, so the lines above it (logs, the chat's prompt line) stay."""
+    import signal
+    from rich.live_render import LiveRender
+    original = LiveRender.__rich_console__
+    calls = []
+
+    def render(self, console, options):
+        before = self._shape
+        for i, segment in enumerate(original(self, console, options)):
+            yield segment
+            # the first redraw to a taller region: its new height is recorded, nothing written yet
+            if i == 0 and not calls and before is not None and self._shape[1] > before[1]:
+                calls.append(self._shape)
+                os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(LiveRender, "__rich_console__", render)
+    args = ["-m", model_path, "-p", "Tell me a story.", "-n", "64", "-s", "5", *STEPS, "-cnv",
+            "--diffusion-visual", "--diffusion-visual-progress"]
+    code, lines, _ = run_on_pty(monkeypatch, args, cols=60, rows=40)
+    assert code == 0 and len(calls) == 1
+    shown = "\n".join(lines)
+    assert "diffcli: seed 5; thinking off" in lines, lines
+    assert "reply stopped" in shown, lines
 
 
 def test_progress_line_goes_below_the_answer_on_a_shared_terminal():

@@ -19,8 +19,11 @@ console is not a terminal.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from rich.console import Console, Group
@@ -160,6 +163,32 @@ def _wrap_pending(line: str, width: int) -> bool:
     return pending
 
 
+@contextmanager
+def held_interrupt():
+    """Hold Ctrl-C back until the block ends. A redraw of the live region cut halfway leaves
+    Rich believing the region has a height it never reached on screen, and erasing it then
+    wipes lines above it (the chat's prompt line); the interrupt is raised once the redraw is
+    whole. Outside the main thread (no signal handlers there) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)      # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 class LiveView:
     """Consumes StepEvent / CanvasEvent / Done (duck-typed) and draws the canvas in place."""
 
@@ -199,7 +228,8 @@ class LiveView:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.stop()
+            with held_interrupt():
+                self._live.stop()
             self._live = None
 
     # ---- events ------------------------------------------------------------------------------
@@ -207,7 +237,9 @@ class LiveView:
         self._step_ms.append(float(event.elapsed_ms))
         ids = [int(i) for i in event.argmax.tolist()]
         if self._live is not None and event.step % self.interval == 0:
-            self._live.update(self.render(event, ids), refresh=True)
+            view = self.render(event, ids)
+            with held_interrupt():
+                self._live.update(view, refresh=True)
         self._prev = ids
 
     def on_canvas(self, event: Any, committed_text: str = "", in_thought: bool = False) -> None:
@@ -218,7 +250,8 @@ class LiveView:
         text = self._tail + committed_text
         head, nl, tail = text.rpartition("\n")
         if self._live is not None and nl and not event.ended:
-            self.console.print(Text(head), soft_wrap=True)   # goes above the live region
+            with held_interrupt():
+                self.console.print(Text(head), soft_wrap=True)   # goes above the live region
             self._tail = tail
         else:
             self._tail = text
