@@ -120,6 +120,14 @@ def test_chat_survives_a_line_that_is_not_utf8(model_path, tmp_path):
     assert len(prompts) == 2 and "second" in prompts[1] and "first" in prompts[1]
 
 
+def test_chat_template_file_that_is_not_utf8(model_path, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_bytes(b"{{ bos_token }}caf\xe9")
+    res = run(["-m", model_path, "-p", "hi", *FAST, "--chat-template-file", template])
+    assert res.exit_code == 2
+    assert f"{template}: the chat template is not UTF-8 text (byte 0xe9 at offset 18)" in error_line(res)
+
+
 def test_argv_bytes_in_a_real_process(model_path):
     """The real path: the shell passes the byte 0xff in argv."""
     env = {**os.environ, "LC_ALL": "C.UTF-8"}
@@ -157,6 +165,19 @@ def test_stdout_on_a_full_disk(model_path, json_out):
     assert lines[-1] == ("diffcli: error: cannot write to stdout: No space left on device; free "
                          "some disk space, or send the output elsewhere"), out.stderr
     assert "Exception ignored" not in out.stderr and "internal error" not in out.stderr
+
+
+@pytest.mark.slow
+def test_stderr_on_a_full_disk_still_gives_the_answer(model_path):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    args = ["-m", str(model_path), "-p", "hi", *FAST]
+    want = run([*args, "--json"])
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "diffcli", *args], stdout=subprocess.PIPE,
+                             stderr=full, text=True, timeout=120)
+    assert out.returncode == 0
+    assert out.stdout.rstrip("\n") == json.loads(want.stdout)["text"].rstrip("\n")
 
 
 # ---- 17: one source of truth for the statistics -------------------------------------------------

@@ -77,7 +77,10 @@ class LineReader:
                                  fix="type it again in UTF-8") from None
             return utf8_text(line, what)
         if self.interactive:
-            click.echo("> ", err=True, nl=False)
+            try:
+                click.echo("> ", err=True, nl=False)
+            except OSError:     # a stderr that cannot be written: the chat still works
+                pass
         buffer = getattr(self.stdin, "buffer", None)
         if buffer is None:
             line = self.stdin.readline()

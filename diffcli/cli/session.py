@@ -24,7 +24,12 @@ from .options import RunOptions
 
 
 def log(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A line on stderr. Diagnostics are best-effort: a stderr that cannot be written (`2>/dev/full`)
+    must not cost the user the answer on stdout."""
+    try:
+        click.echo(msg, err=True)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -98,6 +103,19 @@ def utf8_text(text: str, what: str) -> str:
     return text
 
 
+def read_template_file(opts: RunOptions) -> str | None:
+    """--chat-template-file's text (None without it), as one-line errors."""
+    path = opts.chat_template_file
+    try:
+        return opts.chat_template_source(None)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the chat template is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                         f"offset {exc.start})", path=path, fix="convert it to UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"cannot read the chat template: {exc.strerror}", path=path,
+                         fix="check the --chat-template-file path") from None
+
+
 def check_trace_path(opts: RunOptions) -> None:
     """--trace never destroys a file: not an input of this run (even with --force), and not an
     existing file unless --force is given. Checked before anything is loaded."""
@@ -141,7 +159,7 @@ def open_session(opts: RunOptions) -> Session:
 
     t0 = time.perf_counter()
     mf = open_model_file(opts.model, sampler_overrides=opts.sampler_overrides(),
-                         template_source=opts.chat_template_source(None),
+                         template_source=read_template_file(opts),
                          template_path=opts.chat_template_file)
     cfg, sampler, tokenizer = mf.config, mf.sampler, mf.tokenizer
     C = mf.canvas_length
