@@ -204,6 +204,7 @@ def test_stats_on_stderr_json_and_trace_are_the_same_figures(model_path, tmp_pat
     assert len(re.findall(r"tok/s", res.stderr)) == 2      # throughput and in-step parallel only
     # the whole turn: preparing the prompt, prefill, the steps, the commits
     assert st["total_ms"] >= st["prepare_ms"] + st["prefill_ms"] + st["step_ms"] + st["commit_ms"]
+    assert st["prepare_ms"] + st["prefill_ms"] <= st["first_canvas_ms"] <= st["total_ms"]  # one origin
     assert trace_records(trace)[-1]["stats"] == st
 
 

@@ -393,8 +393,11 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
         if not shown.endswith("\n"):
             out.write("\n")
         out.flush()
+    # every time of the turn from one origin, its start (before the template was rendered)
     stats = done.stats
     stats.prepare_ms = 1000.0 * (t_loop - t0)
+    if stats.first_canvas_ms is not None:
+        stats.first_canvas_ms += stats.prepare_ms
     stats.total_ms = 1000.0 * (time.perf_counter() - t0)
     session.turns += 1
     if session.trace is not None:

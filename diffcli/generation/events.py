@@ -53,8 +53,9 @@ class GenerationStats:
     first_canvas_ms: float | None = None   # from the start of the call to the first finished canvas
     total_ms: float = 0.0       # the whole call: prefill, steps, commits, trimming, and the
                                 # consumer's time between events; a front end that times a whole
-                                # turn sets it to that (and prepare_ms), so that every figure it
-                                # shows (tokens_per_s too) comes from this one object
+                                # turn sets it to that, counts first_canvas_ms from the turn's
+                                # start too and fills in prepare_ms, so that every figure it shows
+                                # (tokens_per_s included) comes from this one object
     prepare_ms: float = 0.0     # before the call: chat template and tokenization (front ends)
     stop_reason: str = "length"
 
