@@ -18,8 +18,12 @@ console is not a terminal.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from rich.console import Console, Group
@@ -58,26 +62,131 @@ def progress_bar(done: int, total: int, width: int = 50) -> tuple[str, int]:
 
 class ProgressLine:
     """Without --diffusion-visual: llama.cpp's single self-overwriting line on the log stream,
-    `\\rdiffusion step: k/S [bar] pct%`, shown only when that stream is a terminal."""
+    `\rdiffusion step: k/S [bar] pct%`, shown only when that stream is a terminal.
 
-    def __init__(self, stream=None, enabled: bool | None = None):
+    When the answer streams to the same terminal (`below=True`), the answer's last line is
+    unfinished while the next canvas is denoised, so the bar must not go on that line (a `\r` and
+    an erase there would wipe the text printed so far). It is drawn on the line below instead:
+    index down (scrolling if the cursor is on the bottom row) and back up, save the cursor, index
+    down, draw, restore; `close()` erases that line the same way. Only VT100 basics are used (IND,
+    RI, DECSC, DECRC, EL). The caller passes each piece of answer text it prints to `answer()`, so
+    the line knows when the cursor sits after the last column (a pending autowrap that a cursor
+    movement would cancel) and moves it to the next row first.
+    """
+
+    def __init__(self, stream=None, enabled: bool | None = None, below: bool = False,
+                 width: Callable[[], int] | None = None):
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.enabled = _isatty(self.stream) if enabled is None else enabled
+        self.below = below
+        self._width = width or (lambda: _terminal_width(self.stream))
         self._shown = False
+        self._line = ""                    # answer text after its last newline (below mode)
 
     def step(self, event) -> None:
         if not self.enabled:
             return
-        bar, pct = progress_bar(event.step + 1, event.steps)
-        self.stream.write(f"\rdiffusion step: {event.step + 1}/{event.steps} [{bar}] {pct}%")
+        width = self._width()
+        bar, pct = progress_bar(event.step + 1, event.steps, max(10, min(50, width - 30)))
+        text = f"diffusion step: {event.step + 1}/{event.steps} [{bar}] {pct}%"[:max(1, width - 1)]
+        if self.below:
+            if self._line and _wrap_pending(self._line, width):
+                self.stream.write("\r\n")         # where the next character would have wrapped to
+                self._line = ""
+            self.stream.write(f"\x1bD\x1bM\x1b7\x1bD\r{text}\x1b[K\x1b8")
+        else:
+            self.stream.write(f"\r{text}")
         self.stream.flush()
         self._shown = True
 
+    def answer(self, text: str) -> None:
+        """The caller printed `text` of the answer on the same terminal."""
+        if self.below:
+            head, nl, tail = text.rpartition("\n")
+            self._line = tail if nl else self._line + tail
+
     def close(self) -> None:
         if self._shown:
-            self.stream.write("\r\x1b[K")
+            self.stream.write("\x1b7\x1bD\r\x1b[K\x1b8" if self.below else "\r\x1b[K")
             self.stream.flush()
             self._shown = False
+
+
+def same_terminal(a, b) -> bool:
+    """Both streams are terminals and the same one (stdout and stderr of an interactive shell)."""
+    if not (_isatty(a) and _isatty(b)):
+        return False
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return True            # terminals whose device cannot be told apart: assume the same
+    return (sa.st_rdev, sa.st_dev, sa.st_ino) == (sb.st_rdev, sb.st_dev, sb.st_ino)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _terminal_width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
+def _wrap_pending(line: str, width: int) -> bool:
+    """Whether a terminal `width` cells wide that printed `line` from column 0 has its cursor
+    past the last column (the next character wraps; a cursor movement first would overwrite the
+    last cell instead). Tabs go to the next multiple of 8, wide characters take two cells."""
+    from rich.cells import get_character_cell_size
+    col, pending = 0, False
+    for ch in line:
+        if ch == "\r":
+            col, pending = 0, False
+            continue
+        if ch == "\t":            # a tab never wraps; it stops at the last column
+            if not pending:
+                col = min(width - 1, (col // 8 + 1) * 8)
+            continue
+        w = get_character_cell_size(ch)
+        if w == 0:
+            continue
+        if pending or col + w > width:
+            col = 0
+        col += w
+        pending = col >= width
+        if pending:
+            col = width
+    return pending
+
+
+@contextmanager
+def held_interrupt():
+    """Hold Ctrl-C back until the block ends. A redraw of the live region cut halfway leaves
+    Rich believing the region has a height it never reached on screen, and erasing it then
+    wipes lines above it (the chat's prompt line); the interrupt is raised once the redraw is
+    whole. Outside the main thread (no signal handlers there) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except (ValueError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, None)      # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 class LiveView:
@@ -119,7 +228,8 @@ class LiveView:
 
     def stop(self) -> None:
         if self._live is not None:
-            self._live.stop()
+            with held_interrupt():
+                self._live.stop()
             self._live = None
 
     # ---- events ------------------------------------------------------------------------------
@@ -127,7 +237,9 @@ class LiveView:
         self._step_ms.append(float(event.elapsed_ms))
         ids = [int(i) for i in event.argmax.tolist()]
         if self._live is not None and event.step % self.interval == 0:
-            self._live.update(self.render(event, ids), refresh=True)
+            view = self.render(event, ids)
+            with held_interrupt():
+                self._live.update(view, refresh=True)
         self._prev = ids
 
     def on_canvas(self, event: Any, committed_text: str = "", in_thought: bool = False) -> None:
@@ -138,7 +250,8 @@ class LiveView:
         text = self._tail + committed_text
         head, nl, tail = text.rpartition("\n")
         if self._live is not None and nl and not event.ended:
-            self.console.print(Text(head), soft_wrap=True)   # goes above the live region
+            with held_interrupt():
+                self.console.print(Text(head), soft_wrap=True)   # goes above the live region
             self._tail = tail
         else:
             self._tail = text

@@ -88,6 +88,7 @@ class RunOptions:
     # output
     json: bool = False
     trace: str | None = None
+    force: bool = False                                    # --force: --trace may overwrite
     no_perf: bool = False
     extra: dict[str, Any] = field(default_factory=dict)   # accepted-but-ignored and legacy flags
     prompt_text: str | None = None                         # filled in once the prompt is read
@@ -259,6 +260,8 @@ def click_options(f):
                      help="Print one JSON object per reply (text, thinking, tokens, seed, stats)."),
         click.option("--trace", metavar="FILE.jsonl",
                      help="Write every step (argmax canvas, accepted mask, entropies) as JSON lines."),
+        click.option("--force", is_flag=True,
+                     help="Let --trace overwrite an existing file (never an input of the run)."),
         click.option("--no-perf", is_flag=True, help="Do not print the end-of-turn statistics."),
         click.option("-s", "--seed", type=int, default=None, callback=_seed,
                      help="RNG seed [default 4294967295 = 0xFFFFFFFF: deterministic, as llama.cpp; "

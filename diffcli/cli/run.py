@@ -16,7 +16,7 @@ import click
 from .chat import chat_loop
 from .images import read_images
 from .options import RunOptions, click_options
-from .session import Session, open_session, report, run_turn
+from .session import OutputError, Session, open_session, report, run_turn
 
 
 @click.command("run", context_settings={"help_option_names": ["-h", "--help"],
@@ -42,15 +42,20 @@ def run_cmd(**kwargs) -> None:
     opts = RunOptions.from_click(kwargs)
     session = open_session(opts)
     try:
-        if opts.conversation:
-            chat_loop(session)
-        else:
-            run_single(session)
+        try:
+            if opts.conversation:
+                chat_loop(session)
+            else:
+                run_single(session)
+        finally:
+            if session.trace is not None:
+                session.trace.close()
     except BrokenPipeError:      # `diffcli ... | head -1`: the reader left; not an error
         _silence_stdout()
-    finally:
-        if session.trace is not None:
-            session.trace.close()
+    except OutputError as exc:   # `> /dev/full`: one line (main's handler); Python's flush of
+        if exc.stdout:           # stdout at exit must not fail a second time
+            _silence_stdout()
+        raise
 
 
 def _silence_stdout() -> None:

@@ -20,7 +20,7 @@ from .session import log
 # run's flags that serve does not take (one prompt, terminal output)
 NOT_SERVED = {"prompt", "file", "system", "conversation", "diffusion_visual",
               "diffusion_visual_progress", "diffusion_visual_interval", "show_thinking", "json",
-              "trace", "image"}
+              "trace", "image", "force"}
 SERVE_ONLY = ("host", "port", "api_key", "alias", "max_queue")
 
 

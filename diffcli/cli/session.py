@@ -19,12 +19,17 @@ from typing import Any
 
 import click
 
-from ..errors import InputError
+from ..errors import InputError, RuntimeFailure
 from .options import RunOptions
 
 
 def log(msg: str) -> None:
-    click.echo(msg, err=True)
+    """A line on stderr. Diagnostics are best-effort: a stderr that cannot be written (`2>/dev/full`)
+    must not cost the user the answer on stdout."""
+    try:
+        click.echo(msg, err=True)
+    except OSError:
+        pass
 
 
 @dataclass
@@ -40,9 +45,10 @@ class Session:
     context: int
     kv_cache: bool
     trace: Any = None
-    stdout: Any = field(default_factory=lambda: sys.stdout)
+    stdout: Any = field(default_factory=lambda: GuardedOutput(sys.stdout, "stdout"))
     vision: Any = None                                        # the mmproj's tower (--mmproj)
     image_embeds: dict = field(default_factory=dict)          # digest -> soft tokens
+    turns: int = 0                                            # replies generated so far
 
 
 # ---- opening ---------------------------------------------------------------------------------
@@ -50,7 +56,7 @@ class Session:
 def read_prompt(opts: RunOptions) -> str | None:
     stdin = sys.stdin
     if opts.prompt == "-":
-        return stdin.read()
+        return read_stdin(stdin)
     if opts.file is not None:
         try:
             return Path(opts.file).read_text(encoding="utf-8")
@@ -61,10 +67,76 @@ def read_prompt(opts: RunOptions) -> str | None:
             raise InputError("the prompt file is not UTF-8 text", path=opts.file,
                              fix="convert it to UTF-8") from None
     if opts.prompt is not None:
-        return opts.prompt
+        return utf8_text(opts.prompt, "-p")
     if not opts.conversation and not _isatty(stdin):
-        return stdin.read()
+        return read_stdin(stdin)
     return None
+
+
+def read_stdin(stdin) -> str:
+    """All of stdin as text, decoded as UTF-8 here (not by the locale's codec, which may raise a
+    bare UnicodeDecodeError or hand back lone surrogates)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:
+        return utf8_text(stdin.read(), "stdin")
+    return decode_utf8(buffer.read(), "stdin")
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start})", fix="convert it to UTF-8 (e.g. with iconv)") from None
+
+
+def utf8_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; command-line arguments (and stdin under a C locale) turn
+    bytes that are not UTF-8 into lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise InputError(f"{what} is not UTF-8 text ({byte} at character {exc.start})",
+                         fix="pass UTF-8 text (check the terminal's or the file's encoding)") from None
+    return text
+
+
+def read_template_file(opts: RunOptions) -> str | None:
+    """--chat-template-file's text (None without it), as one-line errors."""
+    path = opts.chat_template_file
+    try:
+        return opts.chat_template_source(None)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the chat template is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                         f"offset {exc.start})", path=path, fix="convert it to UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"cannot read the chat template: {exc.strerror}", path=path,
+                         fix="check the --chat-template-file path") from None
+
+
+def check_trace_path(opts: RunOptions) -> None:
+    """--trace never destroys a file: not an input of this run (even with --force), and not an
+    existing file unless --force is given. Checked before anything is loaded."""
+    if opts.trace is None:
+        return
+    inputs = [("-m", opts.model), ("-f", opts.file), ("--chat-template-file", opts.chat_template_file),
+              ("--mmproj", opts.mmproj), *(("--image", i) for i in opts.image)]
+    for flag, path in inputs:
+        if path is not None and _same_file(opts.trace, path):
+            raise InputError(f"--trace would overwrite the {flag} file", path=opts.trace,
+                             fix="give --trace another file name")
+    if os.path.isfile(opts.trace) and not opts.force:
+        raise InputError("already exists and --trace does not overwrite files", path=opts.trace,
+                         fix="give --trace a new file name, or add --force to overwrite it")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def open_session(opts: RunOptions) -> Session:
@@ -73,6 +145,11 @@ def open_session(opts: RunOptions) -> Session:
     from ..text.chat import Conversation
 
     opts.validate()
+    check_trace_path(opts)
+    if opts.system is not None:
+        utf8_text(opts.system, "-sys")
+    if opts.chat_template_kwargs is not None:
+        utf8_text(opts.chat_template_kwargs, "--chat-template-kwargs")
     prompt = read_prompt(opts)
     if prompt is None and not opts.conversation:
         raise InputError("no prompt given", fix="pass -p TEXT, -f FILE, pipe text on stdin, or use -cnv")
@@ -82,7 +159,7 @@ def open_session(opts: RunOptions) -> Session:
 
     t0 = time.perf_counter()
     mf = open_model_file(opts.model, sampler_overrides=opts.sampler_overrides(),
-                         template_source=opts.chat_template_source(None),
+                         template_source=read_template_file(opts),
                          template_path=opts.chat_template_file)
     cfg, sampler, tokenizer = mf.config, mf.sampler, mf.tokenizer
     C = mf.canvas_length
@@ -122,7 +199,7 @@ def open_session(opts: RunOptions) -> Session:
         f"confidence={sampler.confidence:g} kv_cache={'on' if kv_cache else 'off'} "
         f"gpu_sampling={'on' if on_gpu else 'off'} sample_reduce={'on' if on_gpu else 'off'}")
     log(f"diffcli: seed {opts.seed}; thinking {'on' if conversation_thinking(conversation) else 'off'}")
-    trace = open_trace(opts.trace) if opts.trace else None
+    trace = open_trace(opts.trace, opts.force) if opts.trace else None
     return Session(opts, model, tokenizer, sampler, conversation, n_canvases, C, context,
                    kv_cache, trace, vision=vision)
 
@@ -147,12 +224,57 @@ def size_run(opts: RunOptions, C: int, model_ctx: int) -> tuple[int, int]:
     return n, context
 
 
-def open_trace(path: str):
+def open_trace(path: str, force: bool = False):
+    # "x": created here, so a file that appeared since check_trace_path is not truncated either;
+    # a device or a pipe (/dev/null, >(jq ...)) is written to as it is
+    mode = "w" if force or (os.path.exists(path) and not os.path.isfile(path)) else "x"
     try:
-        return open(path, "w", encoding="utf-8")
+        return GuardedOutput(open(path, mode, encoding="utf-8"), f"the --trace file {path}")
+    except FileExistsError:
+        raise InputError("already exists and --trace does not overwrite files", path=path,
+                         fix="give --trace a new file name, or add --force to overwrite it") from None
     except OSError as exc:
         raise InputError(f"cannot write the trace file: {exc.strerror}", path=path,
                          fix="check the --trace path") from None
+
+
+class OutputError(RuntimeFailure):
+    """Writing the answer, the JSON or the trace failed (a full disk, a closed device)."""
+    stdout = False          # the failed stream was stdout
+
+
+class GuardedOutput:
+    """A text stream whose write errors become one-line OutputErrors naming the stream
+    (`> /dev/full`: "cannot write to stdout: No space left on device"). A reader that left
+    (BrokenPipeError) is passed on as it is: `diffcli ... | head -1` is not an error."""
+
+    def __init__(self, stream, name: str):
+        self.stream = stream
+        self.name = name
+
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            why = exc.strerror or type(exc).__name__
+            err = OutputError(f"cannot write to {self.name}: {why}",
+                              fix="free some disk space, or send the output elsewhere")
+            err.stdout = self.name == "stdout"
+            raise err from None
+
+    def write(self, text: str) -> int:
+        return self._guard(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._guard(self.stream.flush)
+
+    def close(self) -> None:
+        self._guard(self.stream.close)
+
+    def __getattr__(self, name):            # isatty, fileno, encoding ... for Rich and friends
+        return getattr(self.stream, name)
 
 
 def _isatty(stream) -> bool:
@@ -170,9 +292,9 @@ class TurnResult:
     answer: str          # the reply without its thought channel
     thinking: str
     tokens: list[int]
-    stats: Any
+    stats: Any           # GenerationStats; its total_ms is the whole turn (the one source of the
+                         # figures on stderr, in --json and in the trace's "done" record)
     prompt_tokens: int
-    total_ms: float
 
 
 def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
@@ -182,7 +304,7 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     `images`: the prompt's (first soft token index, prepared image) slots."""
     from .. import stream
     from ..text.chat import split_thinking
-    from .live import LiveView, ProgressLine
+    from .live import LiveView, ProgressLine, safe_piece, same_terminal
 
     opts, tok = session.opts, session.tokenizer
     t0 = time.perf_counter() if t_start is None else t_start
@@ -211,7 +333,15 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
         if not live.enabled:
             log("diffcli: --diffusion-visual: stdout is not a terminal; live view off")
             live = None
-    progress = ProgressLine() if live is None and not opts.json else ProgressLine(enabled=False)
+    # control bytes (byte-fallback tokens can be ESC, CR, NUL) are shown as U+FFFD on a terminal,
+    # where they would move the cursor, eat text or change the terminal's state; a file or a
+    # pipe gets the text as it is
+    to_terminal = not opts.json and (live is not None or _isatty(out))
+    if live is None and not opts.json:
+        # on the terminal the answer streams into, the bar goes on the line below the answer's
+        progress = ProgressLine(below=same_terminal(out, sys.stderr))
+    else:
+        progress = ProgressLine(enabled=False)
     done = None
     if session.trace is not None:
         session.trace.write(json.dumps({"event": "prompt", "ids": list(prompt_ids)}) + "\n")
@@ -219,6 +349,7 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     if images:
         from .images import image_spans
         spans = {"images": image_spans(session, images)}
+    t_loop = time.perf_counter()
     events = stream(session.model, prompt_ids, max_new_tokens=n * session.canvas_length,
                     sampler=session.sampler, seed=opts.seed, mode="cli",
                     kv_cache=session.kv_cache, eog_ids=tok.eog_ids, pad_id=tok.pad_id or 0,
@@ -228,7 +359,7 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     try:
         for event in events:
             kind = type(event).__name__
-            if session.trace is not None:
+            if session.trace is not None and kind != "Done":
                 write_trace(session.trace, event)
             if kind == "StepEvent":
                 progress.step(event)
@@ -240,12 +371,15 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
                     raw += decoder.flush()
                 shown = raw if show_thinking else split_thinking(raw)[1]
                 delta, printed = shown[printed:], len(shown)
+                if to_terminal:
+                    delta = safe_piece(delta)
                 if live is not None:
                     live.on_canvas(event, delta, in_thought=_ends_in_thought(raw))
                 elif not opts.json:
                     progress.close()
                     out.write(delta)
                     out.flush()
+                    progress.answer(delta)
             else:
                 done = event
     finally:
@@ -259,8 +393,16 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
         if not shown.endswith("\n"):
             out.write("\n")
         out.flush()
-    return TurnResult(raw, answer, thinking, done.tokens, done.stats, len(prompt_ids),
-                      1000.0 * (time.perf_counter() - t0))
+    # every time of the turn from one origin, its start (before the template was rendered)
+    stats = done.stats
+    stats.prepare_ms = 1000.0 * (t_loop - t0)
+    if stats.first_canvas_ms is not None:
+        stats.first_canvas_ms += stats.prepare_ms
+    stats.total_ms = 1000.0 * (time.perf_counter() - t0)
+    session.turns += 1
+    if session.trace is not None:
+        write_trace(session.trace, done)
+    return TurnResult(raw, answer, thinking, done.tokens, stats, len(prompt_ids))
 
 
 def _ends_in_thought(text: str) -> bool:
@@ -281,42 +423,48 @@ def write_trace(fh, event) -> None:
                "canvas_ids": list(event.canvas_ids), "steps": event.steps, "ended": event.ended,
                "reason": event.reason, "elapsed_ms": round(event.elapsed_ms, 3)}
     else:
-        rec = {"event": "done", "tokens": list(event.tokens), "stats": event.stats.to_dict()}
+        rec = {"event": "done", "tokens": list(event.tokens), "stats": json_stats(event.stats)}
     fh.write(json.dumps(rec) + "\n")
 
 
+def json_stats(st) -> dict[str, Any]:
+    """The statistics of a turn as --json and the trace show them: every figure once (the seed
+    and the prompt length are top-level fields of the reply object, not repeated here)."""
+    return {k: v for k, v in st.to_dict().items() if k not in ("seed", "mode", "prompt_tokens")}
+
+
 def report(session: Session, result: TurnResult) -> None:
-    """End-of-turn output: --json's one object on stdout, or the statistics on stderr."""
+    """End-of-turn output: --json's one object on stdout, or the statistics on stderr; both
+    from the same GenerationStats."""
     opts, st = session.opts, result.stats
     if opts.json:
         obj = {"text": result.text if opts.show_thinking else result.answer,
                "thinking": result.thinking, "tokens": result.tokens, "seed": opts.seed,
-               "prompt_tokens": result.prompt_tokens, "stats": st.to_dict()}
+               "prompt_tokens": result.prompt_tokens}
+        if opts.conversation:
+            obj["turn"] = session.turns
+        obj["stats"] = json_stats(st)
         session.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
         session.stdout.flush()
     if opts.no_perf:
         return
-    for line in stats_lines(st, session.canvas_length, result.total_ms):
+    for line in stats_lines(st, session.canvas_length):
         log(line)
 
 
-def stats_lines(st, C: int, total_ms: float) -> list[str]:
-    """llama-diffusion-cli's two lines (§E; note its throughput counts whole canvases), then
-    diffcli's honest line: emitted tokens only, time to first canvas, ms/step, steps/canvas."""
-    steps, blocks = st.steps, st.canvases
-    per_step = st.step_ms / steps if steps else 0.0
-    n = C * blocks
-    tput = 1000.0 * n / total_ms if total_ms > 0 else 0.0
+def stats_lines(st, C: int) -> list[str]:
+    """llama-diffusion-cli's two lines (§E), with its throughput counting the tokens the reply
+    has rather than whole canvases (FIELD: its count is 256 per canvas however short the reply),
+    then diffcli's line: time to the first canvas, prefill, why it stopped. Every figure comes
+    from `st` (GenerationStats), as --json's do."""
+    per_step, spb = st.ms_per_step, st.mean_steps_per_canvas
     parallel = 1000.0 * C / per_step if per_step > 0 else 0.0
-    spb = steps / blocks if blocks else 0.0
-    emitted = 1000.0 * st.emitted_tokens / total_ms if total_ms > 0 else 0.0
     first = st.first_canvas_ms if st.first_canvas_ms is not None else 0.0
     return [
-        f"total time: {total_ms:.2f}ms, time per step: {per_step:.2f}ms ({steps} steps over "
-        f"{blocks} blocks, entropy-bound)",
-        f"throughput: {tput:.1f} tok/s ({n} tok in {total_ms:.2f}ms), in-step parallel "
-        f"{parallel:.0f} tok/s ({C}-tok canvas x {spb:.1f} steps/block)",
-        f"diffcli: emitted {st.emitted_tokens} tok = {emitted:.1f} tok/s; first canvas after "
-        f"{first:.0f}ms; prefill {st.prefill_ms:.0f}ms ({st.prompt_tokens} tok); {per_step:.1f} "
-        f"ms/step; {spb:.1f} steps/canvas; stop: {st.stop_reason}",
+        f"total time: {st.total_ms:.2f}ms, time per step: {per_step:.2f}ms ({st.steps} steps over "
+        f"{st.canvases} blocks, entropy-bound)",
+        f"throughput: {st.tokens_per_s:.1f} tok/s ({st.emitted_tokens} tok in {st.total_ms:.2f}ms), "
+        f"in-step parallel {parallel:.0f} tok/s ({C}-tok canvas x {spb:.1f} steps/block)",
+        f"diffcli: first canvas after {first:.0f}ms; prefill {st.prefill_ms:.0f}ms "
+        f"({st.prompt_tokens} tok); stop: {st.stop_reason}",
     ]

@@ -51,7 +51,12 @@ class GenerationStats:
     step_ms: float = 0.0        # wall time inside denoising steps
     commit_ms: float = 0.0      # wall time re-encoding finished canvases
     first_canvas_ms: float | None = None   # from the start of the call to the first finished canvas
-    total_ms: float = 0.0       # the whole call: prefill, steps, commits, trimming
+    total_ms: float = 0.0       # the whole call: prefill, steps, commits, trimming, and the
+                                # consumer's time between events; a front end that times a whole
+                                # turn sets it to that, counts first_canvas_ms from the turn's
+                                # start too and fills in prepare_ms, so that every figure it shows
+                                # (tokens_per_s included) comes from this one object
+    prepare_ms: float = 0.0     # before the call: chat template and tokenization (front ends)
     stop_reason: str = "length"
 
     @property
