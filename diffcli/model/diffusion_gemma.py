@@ -198,8 +198,13 @@ class DiffusionGemma:
         head's device: logits [C, V] fp32 (divided by `temperature` when `tempered_logits`),
         argmax/lse/entropy [C] of logits / temperature, soft [C, H] fp32 (where E lives).
         Needs a Triton-capable head (`use_fused_head`)."""
-        from ..kernels.vocab import VocabOut, vocab_head
         x, E = self._decode(cache, canvas_ids, None, sc_soft)
+        if self.w.embed.device.type == "cpu" and backend_for("cpu") == "native":
+            from ..compute import vocab as cpu_vocab      # CpuVocabOut: probs instead of logits
+            if E is None:
+                E = self._dense_embedding() if self.cache_embedding else self.w.embed
+            return cpu_vocab.vocab_head(x, E, self.config.final_logit_softcap, float(temperature))
+        from ..kernels.vocab import VocabOut, vocab_head
         if E is None:
             E = self._dense_embedding()                                # [V, H]
         out = vocab_head(x.to(E.device, E.dtype), E, self.config.final_logit_softcap,
@@ -300,6 +305,9 @@ class DiffusionGemma:
         if not self.fused_head:
             return False
         dev = self.w.embed.device
+        if dev.type == "cpu" and backend_for("cpu") == "native" and self.dtype == torch.bfloat16:
+            from ..compute import vocab as cpu_vocab      # the native CPU head (bf16 mode only)
+            return cpu_vocab.available()
         if backend_for(dev.type) != "triton" or not _triton_available():
             return False
         return dev.type == "cuda" or (dev.type == "cpu" and triton_interpret())
