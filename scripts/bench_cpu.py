@@ -278,8 +278,13 @@ def real_worker(a) -> dict:
     from diffcli.generation.sampler import SamplerConfig
 
     t0 = time.perf_counter()
-    model = diffcli.load(a.model, dtype={"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype],
-                         cache_embedding=None if a.variant != "quantized-head" else False)
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
+    # dense-embedding: the head and self-conditioning on a dense copy of E, as before issue 14
+    # (kept for the model's life in bf16, rebuilt every step in f32)
+    dense = a.variant == "dense-embedding"
+    model = diffcli.load(a.model, dtype=dtype, cache_embedding=(dtype == torch.bfloat16) if dense else None)
+    if dense:
+        model._embed_blocks_native = lambda: False
     if a.variant == "unfused":
         model.fused_head = False        # the unfused path: [C, V] fp32 logits, torch statistics
     load_s = time.perf_counter() - t0
@@ -390,14 +395,14 @@ def real_main(a) -> int:
     path = real_file(a, log)
     file_mib = path.stat().st_size / 2**20
     results = {}
-    runs = [(d.strip(), v.strip()) for d in (a.dtypes or "bf16").split(",") if d.strip()
-            for v in a.variants.split(",") if v.strip() and (d.strip() == "bf16" or v.strip() == "default")]
+    runs = [(r.split("/")[0].strip(), (r.split("/") + ["default"])[1].strip())
+            for r in a.runs.split(",") if r.strip()]
     for dtype, variant in runs:
         log(f"timing diffcli ({dtype}, {variant}) on {path.name} ...")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "real", "--model", str(path),
                "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
                "--prompt-len", str(a.prompt_len), "--dtype", dtype, "--variant", variant]
-        dtype = f"{dtype} {variant}"
+        dtype = dtype if variant == "default" else f"{dtype}/{variant}"
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
         env.pop("DIFFCLI_BACKEND", None)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -460,7 +465,7 @@ def main(argv=None) -> int:
     p.add_argument("--types", default="f32,q8_0,q4_k_m", help="GGUF types to convert to")
     p.add_argument("--backends", default="torch,native", help="diffcli backends to time")
     p.add_argument("--dtypes", default=None,
-                   help="activation dtypes to time (f32, bf16; default f32,bf16, --real-shapes: bf16)")
+                   help="activation dtypes to time (f32, bf16; default f32,bf16)")
     p.add_argument("--work", help="folder for the checkpoint and GGUFs (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -469,16 +474,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     p.add_argument("--sc", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
-    p.add_argument("--variants", default="default,unfused",
-                   help="--real-shapes: diffcli variants, side by side: default (what diffcli runs), "
-                        "unfused (torch vocabulary side, fp32 [C, V] buffers), quantized-head (head and "
-                        "self-conditioning on the embedding's quantized blocks: no dense copy)")
-    p.add_argument("--real-shapes", action="store_true",
-                   help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
-    p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")
-    p.add_argument("--cache-dir", help="--real-shapes: where the synthetic file is kept "
-                   "(default $XDG_CACHE_HOME/diffcli-bench or ~/.cache/diffcli-bench)")
-    p.add_argument("--llama-cli", help="--real-shapes: a llama-diffusion-cli binary to compare with")
+    p.add_argument("--runs", default="f32,f32/dense-embedding,bf16,bf16/unfused",
+                   help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
+                        "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
+                        "unfused: torch vocabulary side with fp32 [C, V] buffers)")
     a = p.parse_args(argv)
     if a.worker == "real":
         print(json.dumps(real_worker(a)))

@@ -388,3 +388,31 @@ def test_draw_bf16_frequencies(lib):
     keep = expect > 0
     chi2 = (((counts - expect) ** 2)[keep] / expect[keep]).sum()
     assert chi2 < 45.0, chi2
+
+
+@pytest.mark.parametrize("qtype,K", [("Q6_K", 512), ("Q4_K", 768), ("Q8_0", 288), ("Q5_0", 96),
+                                     ("F32", 100), ("BF16", 64)])
+@pytest.mark.parametrize("T,N", [(1, 37), (13, 300), (256, 130)])
+def test_qmatmul_t(lib, qtype, K, T, N):
+    """x [T, N] @ W [N, K] from W's blocks: against float64 with W dequantized by gguf-py (fp32
+    products and sums: each output a sum of N terms split in 4 ordered parts of 64-row tiles ->
+    bounded by (N + 8) eps32 * sum |x| |W|, within the 1e-5 relative slack used for qmatmul here);
+    bf16 x is the same matmul of the bf16 values (widened exactly)."""
+    rng = np.random.default_rng(T * N)
+    qt, ref = _weights(qtype, (N, K), rng)
+    x = torch.from_numpy(rng.standard_normal((T, N)).astype(np.float32))
+    for xx in (x, x.bfloat16()):
+        y = native.qmatmul_t(xx, qt)
+        exact = xx.double() @ ref
+        bound = (N + 8) * 2.0 ** -24 * (xx.double().abs() @ ref.abs()) + 1e-30
+        assert y.dtype == torch.float32 and y.shape == (T, K)
+        assert ((y.double() - exact).abs() <= bound).all()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.qmatmul_t(x, qt)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, native.qmatmul_t(x, qt))
+    with pytest.raises(ValueError, match="rows"):
+        native.qmatmul_t(x[:, :-1], qt)

@@ -77,7 +77,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_vocab.argtypes = [ptr, i64, i64, f32, f32, ptr, ptr, ptr, ptr]
     lib.dn_vocab_from_bf16.argtypes = lib.dn_vocab.argtypes
     lib.dn_draw_bf16.argtypes = [ptr, i64, i64, ptr, ptr]
-    for fn in (lib.dn_vocab, lib.dn_vocab_from_bf16, lib.dn_draw_bf16):
+    lib.dn_qmatmul_t.argtypes = lib.dn_qmatmul.argtypes
+    lib.dn_qmatmul_t_bf16.argtypes = lib.dn_qmatmul.argtypes
+    for fn in (lib.dn_vocab, lib.dn_vocab_from_bf16, lib.dn_draw_bf16, lib.dn_qmatmul_t,
+               lib.dn_qmatmul_t_bf16):
         fn.restype = i32
     lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
@@ -209,6 +212,19 @@ def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) 
     _call("dn_qmatmul" + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
           y.data_ptr())
     return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
+
+
+def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """x [T, N] @ qt[N, K] -> [T, K] fp32 (the weight's rows are the reduction), e.g.
+    softmax(logits) @ E from the embedding's blocks; x fp32 or bf16, fp32 accumulation."""
+    N, K = qt.shape
+    if x.dim() != 2 or x.shape[-1] != N:
+        raise ValueError(f"qmatmul_t: x has shape {list(x.shape)}, {qt.name or 'weight'} has {N} rows")
+    raw, (xk, kind) = _raw(qt), _act(x)
+    y = torch.empty(xk.shape[0], K, dtype=torch.float32)
+    _call("dn_qmatmul_t" + kind, xk.data_ptr(), xk.shape[0], N, raw.data_ptr(), QTYPE_IDS[qt.qtype], K,
+          y.data_ptr())
+    return y
 
 
 def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,

@@ -42,6 +42,15 @@ def available() -> bool:
     return native.available()
 
 
+def blocks_usable(E, dtype: torch.dtype) -> bool:
+    """Whether the native kernels can run the head (qmatmul) and the self-conditioning product
+    (qmatmul_t) on the embedding's own CPU blocks for activations of `dtype`, so no dense copy
+    of E is needed."""
+    from .backend import backend_for
+    return isinstance(E, QTensor) and E.raw.device.type == "cpu" and backend_for("cpu") == "native" \
+        and native.supports(E.qtype, dtype)
+
+
 def head_logits(x: torch.Tensor, E: torch.Tensor | QTensor) -> torch.Tensor:
     """x [C, H] @ E[V, H].T: bf16 [C, V] from a dense bf16 E; fp32 from the quantized blocks."""
     if isinstance(E, QTensor):

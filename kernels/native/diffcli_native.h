@@ -86,3 +86,10 @@ DN_API int dn_vocab_from_bf16(const uint16_t* logits, int64_t C, int64_t V, floa
 // out[c] = the first v with sum(probs[c, :v+1]) > u[c] * sum(probs[c, :]) (bf16 probs, any scale;
 // u in [0, 1)): one draw per row by the inverse CDF.
 DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const double* u, int64_t* out);
+
+// y[T, K] = x[T, N] @ W[N, K], W given as N rows of ggml blocks (the transpose of dn_qmatmul's
+// use): softmax(logits) @ E from the embedding's blocks. fp32 accumulation; x fp32 or bf16 bits.
+DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K,
+                        float* y);
+DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
+                             int64_t K, float* y);
