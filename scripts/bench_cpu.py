@@ -478,6 +478,12 @@ def main(argv=None) -> int:
                    help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
                         "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
                         "unfused: torch vocabulary side with fp32 [C, V] buffers)")
+    p.add_argument("--real-shapes", action="store_true",
+                   help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
+    p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")
+    p.add_argument("--cache-dir", help="--real-shapes: where the synthetic file is kept "
+                   "(default $XDG_CACHE_HOME/diffcli-bench or ~/.cache/diffcli-bench)")
+    p.add_argument("--llama-cli", help="--real-shapes: a llama-diffusion-cli binary to compare with")
     a = p.parse_args(argv)
     if a.worker == "real":
         print(json.dumps(real_worker(a)))
