@@ -20,6 +20,19 @@ the timed steps compute the same thing (with random weights the MoE router is ne
     python scripts/bench_cpu.py                  # table
     python scripts/bench_cpu.py --json           # one JSON object
     python scripts/bench_cpu.py --steps 10 --threads 2 --types f32,q4_k_m --dtypes bf16
+
+`--real-shapes` measures the real model's shapes instead: a 6-layer file with the real per-layer
+shapes, the full 262,144 vocabulary and the Q4_K_M type mix (scripts/synth_gguf.py, written once
+into a cache folder, ~3.8 GB), and reports in one run the ms of a self-conditioned denoising step
+split by stage (attention projections, attention, dense MLP, MoE, head, self-conditioning,
+sampler), prefill tok/s over a 2k-token prompt, and peak RSS against the file size. With
+`--llama-cli PATH` it also runs a user-built `llama-diffusion-cli` (llama.cpp PR #24423) on the
+same file with the same flags and prints the ratios (per-step and prefill times of the peer are
+taken from wall-time differences of runs with two step counts and two prompt lengths, so they
+need nothing from its log format).
+
+    python scripts/bench_cpu.py --real-shapes --threads 2
+    python scripts/bench_cpu.py --real-shapes --llama-cli ~/llama.cpp/build/bin/llama-diffusion-cli
 """
 from __future__ import annotations
 
@@ -158,15 +171,301 @@ def max_diff(a: Path, b: Path) -> float | None:
     return float(np.abs(np.load(a).astype(np.float64) - np.load(b)).max())
 
 
+# --- --real-shapes ---------------------------------------------------------------------------
+
+STAGES = ("attn_proj", "attention", "dense_mlp", "moe", "head", "self_cond", "sampler", "other")
+STAGE_TITLES = {"attn_proj": "attention projections", "attention": "attention", "dense_mlp": "dense MLP",
+                "moe": "MoE (router + experts)", "head": "head (logits, vocab statistics)",
+                "self_cond": "self-conditioning", "sampler": "sampler (draw, accept, renoise)",
+                "other": "other (norms, RoPE, residual)", "embed_dequant": "embedding dequantization"}
+
+
+def rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class StageTimer:
+    """Exclusive wall time per stage: wrapped callables push their stage on a stack, and time spent
+    in a nested wrapped call counts for the inner stage only."""
+
+    def __init__(self):
+        self.total: dict[str, float] = {}
+        self.stack: list[list] = []          # [stage, start, time taken by nested stages]
+
+    def wrap(self, fn, stage):
+        """fn timed as `stage` (a name, or a function of fn's arguments returning one or None:
+        None leaves the time with the caller's stage)."""
+        def wrapped(*args, **kw):
+            name = stage(*args, **kw) if callable(stage) else stage
+            if name is None:
+                return fn(*args, **kw)
+            frame = [name, time.perf_counter(), 0.0]
+            self.stack.append(frame)
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.stack.pop()
+                took = time.perf_counter() - frame[1]
+                self.total[name] = self.total.get(name, 0.0) + took - frame[2]
+                if self.stack:
+                    self.stack[-1][2] += took
+        return wrapped
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.total)
+
+
+def instrument(model, timer: StageTimer) -> None:
+    """Wrap the model's stages (instance attributes shadow the methods; the module-level attention
+    function is replaced in diffusion_gemma's namespace)."""
+    from diffcli.model import diffusion_gemma as dg
+    from diffcli.compute import vocab as cpu_vocab
+
+    wo = {id(lw.wo) for lw in model.w.layers}
+    sc_gate = model.w.sc_gate
+    model._qkv = timer.wrap(model._qkv, "attn_proj")
+    model._lin = timer.wrap(model._lin, lambda x, w: "attn_proj" if id(w) in wo else None)
+    model._mlp = timer.wrap(model._mlp, lambda x, gate, up, down: "self_cond" if gate is sc_gate
+                            else "dense_mlp")
+    model._experts = timer.wrap(model._experts, "moe")
+    model._decode_body = timer.wrap(model._decode_body, "other")
+    model._decode = timer.wrap(model._decode, "self_cond")       # its own part: softmax(sc) @ E
+    model._dense_embedding = timer.wrap(model._dense_embedding, "embed_dequant")
+    model.denoise = timer.wrap(model.denoise, "head")
+    model.denoise_fused = timer.wrap(model.denoise_fused, "head")
+    model.encode = timer.wrap(model.encode, "prefill")
+    dg.attention = timer.wrap(dg.attention, "attention")
+    for name, stage in getattr(cpu_vocab, "BENCH_STAGES", {}).items():
+        setattr(cpu_vocab, name, timer.wrap(getattr(cpu_vocab, name), stage))
+
+
+def step_flops(model, prompt_len: int) -> dict[str, float]:
+    """Multiply-adds x 2 of one self-conditioned step per stage (the matmuls only)."""
+    cfg, w = model.config, model.w
+    C, H, V = cfg.canvas_length, cfg.n_embd, cfg.vocab_size
+
+    def lin(qt):
+        return 2.0 * C * qt.shape[0] * qt.shape[1]
+
+    out = dict.fromkeys(("attn_proj", "attention", "dense_mlp", "moe", "head", "self_cond"), 0.0)
+    for i, lw in enumerate(w.layers):
+        out["attn_proj"] += sum(lin(t) for t in (lw.wq, lw.wk, lw.wv, lw.wo) if t is not None)
+        sliding = cfg.layer_types[i] == "sliding"
+        keys = (min(prompt_len, cfg.sliding_window - 1) if sliding else prompt_len) + C
+        out["attention"] += 2 * 2.0 * C * keys * cfg.n_head * cfg.layer_head_dim(i)
+        out["dense_mlp"] += lin(lw.ffn_gate) + lin(lw.ffn_up) + lin(lw.ffn_down)
+        E, F2, K = lw.exp_gate_up.shape
+        out["moe"] += 2.0 * C * cfg.n_expert_used * (F2 * K + K * (F2 // 2))
+    out["head"] = 2.0 * C * V * H
+    out["self_cond"] = 2.0 * C * V * H + lin(w.sc_gate) + lin(w.sc_up) + lin(w.sc_down)
+    return out
+
+
+def real_worker(a) -> dict:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import diffcli
+    from diffcli.compute import native
+    from diffcli.generation.loop import stream
+    from diffcli.generation.events import Done, StepEvent
+    from diffcli.generation.sampler import SamplerConfig
+
+    t0 = time.perf_counter()
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
+    # dense-embedding: the head and self-conditioning on a dense copy of E, as before issue 14
+    # (kept for the model's life in bf16, rebuilt every step in f32)
+    dense = a.variant == "dense-embedding"
+    model = diffcli.load(a.model, dtype=dtype, cache_embedding=(dtype == torch.bfloat16) if dense else None)
+    if dense:
+        model._embed_blocks_native = lambda: False
+    if a.variant == "unfused":
+        model.fused_head = False        # the unfused path: [C, V] fp32 logits, torch statistics
+    load_s = time.perf_counter() - t0
+    cfg = model.config
+    timer = StageTimer()
+    instrument(model, timer)
+    gen = torch.Generator().manual_seed(0)
+    high = cfg.vocab_size - 16
+    prompt = torch.cat([torch.tensor([2]), torch.randint(10, high, (a.prompt_len - 1,), generator=gen)])
+    # fault the weights in (mmap) before anything is timed: a short prompt touches every layer
+    model.encode(prompt[:64])
+    rss_warm = rss_mib()
+    steps = a.warmup + a.steps + 1      # the first step of a canvas has no self-conditioning
+    sampler = SamplerConfig(max_steps=steps, confidence=0.0)   # confidence 0: never stops early
+    per_step, marks, prefill_ms = [], [timer.snapshot()], None
+    for ev in stream(model, prompt, max_new_tokens=cfg.canvas_length, sampler=sampler, seed=0):
+        if isinstance(ev, StepEvent):
+            now = timer.snapshot()
+            parts = {k: (now.get(k, 0.0) - marks[-1].get(k, 0.0)) * 1e3 for k in now}
+            parts.pop("prefill", None)
+            parts["sampler"] = ev.elapsed_ms - sum(parts.values())
+            per_step.append((ev.elapsed_ms, parts))
+            marks.append(now)
+        elif isinstance(ev, Done):
+            prefill_ms = ev.stats.prefill_ms
+    timed = per_step[1 + a.warmup:]
+    ms = [t for t, _ in timed]
+    stages = {k: statistics.median(p.get(k, 0.0) for _, p in timed) for k in set().union(*(p for _, p in timed))}
+    flops = step_flops(model, a.prompt_len)
+    return {"ms_median": statistics.median(ms), "ms_min": min(ms), "ms_all": ms, "stages_ms": stages,
+            "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
+            "prefill_ms": prefill_ms, "prefill_tok_s": a.prompt_len / (prefill_ms / 1e3),
+            "load_s": load_s, "rss_after_warmup_mib": rss_warm, "peak_rss_mib": peak_rss_mib(),
+            "simd": native.simd(), "bf16_dot": native.has_bf16(), "threads": torch.get_num_threads(),
+            "fused_head": bool(model.use_fused_head)}
+
+
+def cache_dir(a) -> Path:
+    if a.cache_dir:
+        return Path(a.cache_dir)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "diffcli-bench"
+
+
+def real_file(a, log) -> Path:
+    """The synthetic file, written once (with tokenizer merges, so llama.cpp accepts it)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import synth_gguf
+    folder = cache_dir(a)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"real-{a.layers}L-q4_k_m-v{synth_gguf.FORMAT_VERSION}.gguf"
+    if not path.is_file():
+        log(f"writing {path} (once) ...")
+        part = path.with_name(path.name + ".part")
+        synth_gguf.synthesize(str(part), "Q4_K_M", a.layers, merges=True, log=log)
+        part.replace(path)
+    return path
+
+
+def run_peer(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child run; raises on failure."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {' | '.join(tail)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def llama_peer(a, path: Path, log) -> dict:
+    """llama-diffusion-cli on the same file: step time from runs with 2 and 2+k steps, prefill from
+    runs with a short and a long prompt (the differences cancel load and warm-up)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import synth_gguf
+    short = synth_gguf.prompt_text(8)
+    long = synth_gguf.prompt_text(a.prompt_len)
+
+    def cmd(prompt, steps):
+        return [a.llama_cli, "-m", str(path), "-p", prompt, "-n", "256", "-t", str(a.threads),
+                "--diffusion-eb-max-steps", str(steps), "--diffusion-eb-confidence", "0",
+                "-s", "0", "-c", str(a.prompt_len + 1024)]
+
+    lo, hi = 2, 2 + a.steps
+    log(f"llama-diffusion-cli: {lo} steps, short prompt ...")
+    w_lo, rss1 = run_peer(cmd(short, lo))
+    log(f"llama-diffusion-cli: {hi} steps, short prompt ...")
+    w_hi, rss2 = run_peer(cmd(short, hi))
+    log(f"llama-diffusion-cli: {lo} steps, {a.prompt_len}-token prompt ...")
+    w_long, rss3 = run_peer(cmd(long, lo))
+    step_ms = (w_hi - w_lo) / (hi - lo) * 1e3
+    prefill_s = w_long - w_lo
+    return {"ms_per_step": step_ms, "prefill_s": prefill_s,
+            "prefill_tok_s": a.prompt_len / prefill_s if prefill_s > 0 else None,
+            "peak_rss_mib": max(rss1, rss2, rss3), "walls_s": [w_lo, w_hi, w_long]}
+
+
+def real_main(a) -> int:
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    if a.prompt_len is None:
+        a.prompt_len = 2048
+    path = real_file(a, log)
+    file_mib = path.stat().st_size / 2**20
+    results = {}
+    runs = [(r.split("/")[0].strip(), (r.split("/") + ["default"])[1].strip())
+            for r in a.runs.split(",") if r.strip()]
+    for dtype, variant in runs:
+        log(f"timing diffcli ({dtype}, {variant}) on {path.name} ...")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "real", "--model", str(path),
+               "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
+               "--prompt-len", str(a.prompt_len), "--dtype", dtype, "--variant", variant]
+        dtype = dtype if variant == "default" else f"{dtype}/{variant}"
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+        env.pop("DIFFCLI_BACKEND", None)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            results[dtype] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        else:
+            results[dtype] = json.loads(proc.stdout.strip().splitlines()[-1])
+    peer = None
+    if a.llama_cli:
+        try:
+            peer = llama_peer(a, path, log)
+        except (OSError, RuntimeError) as exc:
+            peer = {"error": str(exc)}
+    out = {"file": str(path), "file_mib": file_mib, "layers": a.layers, "prompt_len": a.prompt_len,
+           "threads": a.threads, "steps": a.steps, "diffcli": results, "llama_cli": peer}
+    if a.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(f"real shapes: {path.name} ({file_mib / 1024:.2f} GiB, {a.layers} layers, vocab 262144), "
+          f"prompt {a.prompt_len} tokens in the cache, {a.threads} threads, median of {a.steps} "
+          f"self-conditioned steps")
+    for dtype, r in results.items():
+        if "error" in r:
+            print(f"diffcli {dtype}: {r['error']}")
+            continue
+        print(f"\ndiffcli {dtype} ({r['simd']}, bf16 dot products: {r['bf16_dot']}, fused vocab head: "
+              f"{r['fused_head']}): {r['ms_median']:.0f} ms/step (min {r['ms_min']:.0f})")
+        print(f"  {'stage':<34}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
+        for k in STAGES + ("embed_dequant",):
+            if k not in r["stages_ms"]:
+                continue
+            ms, gf = r["stages_ms"][k], r["stage_gflop"].get(k)
+            rate = f"{gf / (ms / 1e3):9.0f}" if gf and ms > 0 else ""
+            print(f"  {STAGE_TITLES[k]:<34}{ms:>9.1f}{(f'{gf:9.1f}' if gf else ''):>9}{rate}")
+        total_gf = sum(r["stage_gflop"].values())
+        print(f"  {'step':<34}{r['ms_median']:>9.1f}{total_gf:>9.1f}{total_gf / (r['ms_median'] / 1e3):9.0f}")
+        print(f"  prefill: {a.prompt_len} tokens in {r['prefill_ms'] / 1e3:.2f} s = {r['prefill_tok_s']:.1f} tok/s")
+        print(f"  peak RSS {r['peak_rss_mib']:.0f} MiB = file + {(r['peak_rss_mib'] - file_mib) / 1024:.2f} GiB "
+              f"(after warm-up {r['rss_after_warmup_mib']:.0f} MiB)")
+    if peer is not None:
+        if "error" in peer:
+            print(f"\nllama-diffusion-cli: {peer['error']}")
+        else:
+            print(f"\nllama-diffusion-cli: {peer['ms_per_step']:.0f} ms/step, prefill "
+                  f"{peer['prefill_tok_s']:.1f} tok/s, peak RSS {peer['peak_rss_mib']:.0f} MiB")
+            for dtype, r in results.items():
+                if "error" not in r:
+                    print(f"  ratio (diffcli {dtype}): step {peer['ms_per_step'] / r['ms_median']:.2f}x, "
+                          f"prefill {r['prefill_tok_s'] / peer['prefill_tok_s']:.2f}x")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed denoising steps per contender")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
     p.add_argument("--threads", type=int, default=2, help="torch (and native OpenMP) threads")
-    p.add_argument("--prompt-len", type=int, default=64, help="tokens in the cache")
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="tokens in the cache (default 64; --real-shapes: 2048, the prefill measured)")
     p.add_argument("--types", default="f32,q8_0,q4_k_m", help="GGUF types to convert to")
     p.add_argument("--backends", default="torch,native", help="diffcli backends to time")
-    p.add_argument("--dtypes", default="f32,bf16", help="activation dtypes to time (f32, bf16)")
+    p.add_argument("--dtypes", default=None,
+                   help="activation dtypes to time (f32, bf16; default f32,bf16)")
     p.add_argument("--work", help="folder for the checkpoint and GGUFs (default: a temp folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -174,10 +473,30 @@ def main(argv=None) -> int:
     p.add_argument("--logits", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="f32", help=argparse.SUPPRESS)
     p.add_argument("--sc", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--runs", default="f32,f32/dense-embedding,bf16,bf16/unfused",
+                   help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
+                        "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
+                        "unfused: torch vocabulary side with fp32 [C, V] buffers)")
+    p.add_argument("--real-shapes", action="store_true",
+                   help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
+    p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")
+    p.add_argument("--cache-dir", help="--real-shapes: where the synthetic file is kept "
+                   "(default $XDG_CACHE_HOME/diffcli-bench or ~/.cache/diffcli-bench)")
+    p.add_argument("--llama-cli", help="--real-shapes: a llama-diffusion-cli binary to compare with")
     a = p.parse_args(argv)
+    if a.worker == "real":
+        print(json.dumps(real_worker(a)))
+        return 0
     if a.worker:
         print(json.dumps(worker(a)))
         return 0
+    if a.real_shapes:
+        return real_main(a)
+    if a.prompt_len is None:
+        a.prompt_len = 64
+    if a.dtypes is None:
+        a.dtypes = "f32,bf16"
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -28,6 +28,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 ARCH = "diffusion-gemma"
+# Bumped when what a given command line writes changes (benchmarks key their cached file on it).
+FORMAT_VERSION = 2
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass
@@ -145,7 +148,24 @@ def f32_values(name: str, shape: tuple[int, ...], d: Dims, rng: np.random.Genera
     return rng.uniform(0.8, 1.2, n).astype(np.float32).reshape(shape)   # norm weights, scales
 
 
-def add_metadata(w: GGUFWriter, d: Dims, qtype: str) -> None:
+def word_pieces(n: int) -> list[str]:
+    """n pieces "▁a".."▁z", "▁aa".., "▁aaa".. in length-then-alphabetical order: every piece's
+    prefix one letter shorter comes before it, so each has exactly one merge making it."""
+    out, level = [], ["\u2581"]
+    while len(out) < n:
+        level = [w + c for w in level for c in LETTERS]
+        out += level[:n - len(out)]
+    return out
+
+
+def prompt_text(n_words: int) -> str:
+    """A text of n_words words that a file written with merges=True tokenizes to one piece each
+    (three-letter words, each after a space)."""
+    words = [p[1:] for p in word_pieces(26 + 26 * 26 + 26 ** 3)[26 + 26 * 26:]]
+    return "".join(" " + words[(i * 7919) % len(words)] for i in range(n_words))
+
+
+def add_metadata(w: GGUFWriter, d: Dims, qtype: str, merges: bool = False) -> None:
     a = ARCH
     w.add_string("general.type", "model")
     w.add_string("general.name", f"synthetic diffusion-gemma ({d.n_layer} layers, {qtype})")
@@ -173,10 +193,19 @@ def add_metadata(w: GGUFWriter, d: Dims, qtype: str) -> None:
     # then unique filler pieces; no merges
     special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     pieces = special + [f"<0x{b:02X}>" for b in range(256)]
+    merge_list = []
+    if merges:
+        # real vocabulary entries and the merges that build them (llama.cpp refuses a BPE file
+        # without merges): "▁" and the letters, then "▁a".."▁zzzz" (one merge each)
+        words = word_pieces(d.V - len(pieces) - 1 - len(LETTERS))
+        pieces += ["\u2581"] + list(LETTERS) + words
+        merge_list = [f"{p[:-1]} {p[-1]}" for p in words]
     pieces += [f"tok{i}" for i in range(len(pieces), d.V)]
     types = [3] * len(special) + [6] * 256 + [1] * (d.V - len(special) - 256)
     w.add_tokenizer_model("gemma4")
     w.add_token_list(pieces[:d.V])
+    if merge_list:
+        w.add_token_merges(merge_list)
     w.add_token_types(types[:d.V])
     w.add_token_scores([0.0] * d.V)
     w.add_bos_token_id(2)
@@ -189,15 +218,16 @@ def add_metadata(w: GGUFWriter, d: Dims, qtype: str) -> None:
 
 
 def synthesize(path: str, qtype: str = "Q4_K_M", layers: int | None = None, tiny: bool = False,
-               seed: int = 0, log=print) -> int:
-    """Write the file; returns its tensor-data size in bytes."""
+               seed: int = 0, log=print, merges: bool = False) -> int:
+    """Write the file; returns its tensor-data size in bytes. merges: a BPE vocabulary of real
+    pieces with the merges that build them (see add_metadata), as llama.cpp needs."""
     d = Dims(**vars(TINY)) if tiny else Dims()
     if layers is not None:
         d.n_layer = layers
     rng = np.random.default_rng(seed)
     plan = tensor_plan(d, qtype)
     w = GGUFWriter(path, ARCH)
-    add_metadata(w, d, qtype)
+    add_metadata(w, d, qtype, merges)
     for name, shape, t in plan:
         if t == "F32":
             w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes(shape, t))
@@ -241,8 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="number of layers (default 30)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--merges", action="store_true",
+                    help="a BPE vocabulary with merges (llama.cpp refuses a file without them)")
     args = ap.parse_args(argv)
-    synthesize(args.out, args.type, args.layers, args.tiny, args.seed)
+    synthesize(args.out, args.type, args.layers, args.tiny, args.seed, merges=args.merges)
     return 0
 
 

@@ -280,3 +280,148 @@ def test_sample_is_torch_multinomial(lib, C, V, scale):
         assert torch.equal(got, torch.multinomial(probs, 1, generator=theirs).view(C))
         assert (got % 3 != 0).all()
         assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+# --- the vocabulary side (dn_vocab, dn_draw_bf16; diffcli/compute/vocab.py) ---------------------
+#
+# Reference: float64 softcap, tempering, softmax, logsumexp, entropy and argmax of the same fp32
+# (or bf16) logits. Error budget of the kernel, eps = 2^-24 (fp32 unit roundoff):
+#   z = cap tanh(l / cap): tanh from e^(-2|y|) with relative error <= 2^-22 (exp16's polynomial,
+#       or libm's expf) and three roundings -> |dz| <= cap * 8 eps + |z| * 4 eps;
+#   t = z / T: |dt| <= delta = |dz| / T + |t| eps;
+#   S, Q: partial sums of at most 64 fp32 terms (<= 64 eps relative to the sum of magnitudes),
+#       each term with its own exp error (2^-22 = 4 eps) and the delta of t (relative e^delta - 1);
+#   lse = max + log S: <= delta + (64 + 4 + 2) eps + 2 delta (the max itself carries delta);
+#   entropy = log S - Q / S: moving every t by <= delta moves H by <= 2 delta sum p |t - E t|;
+#       the rounding of the sums adds (70 eps)(1 + sum p |t - max|);
+#   probs: bf16 rounding (<= 2^-8 relative: 8 significant bits) of p, whose own relative error is <= 4 delta + 70 eps.
+EPS = 2.0 ** -24
+
+
+def _vocab_reference(logits, cap, T):
+    l = logits.double()
+    z = cap * torch.tanh(l / cap) if cap else l
+    t = z / T
+    p = torch.softmax(t, dim=-1)
+    lse = torch.logsumexp(t, dim=-1)
+    ent = -(p * torch.log_softmax(t, dim=-1)).sum(-1)
+    zmax = z.abs().amax(-1, keepdim=True)
+    delta = ((cap or 0) * 8 * EPS + zmax * 4 * EPS) / T + t.abs().amax(-1, keepdim=True) * EPS
+    return t, p, lse, ent, delta.squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("C,V,cap,T,scale", [(3, 262144, 30.0, 0.8, 6.0), (4, 1037, 30.0, 0.4, 40.0),
+                                              (2, 5, None, 1.0, 2.0), (5, 4099, 0.0, 0.55, 3.0)])
+def test_vocab_matches_float64(lib, dtype, C, V, cap, T, scale):
+    gen = torch.Generator().manual_seed(V + C)
+    logits = (torch.randn(C, V, generator=gen) * scale).to(dtype)
+    probs, argmax, lse, ent = native.vocab(logits, cap, T)
+    t, p, lse_ref, ent_ref, delta = _vocab_reference(logits, cap, T)
+    assert probs.dtype == torch.bfloat16 and probs.shape == (C, V)
+    assert argmax.dtype == torch.int64 and lse.dtype == ent.dtype == torch.float32
+    # argmax: the reference's value there is a maximum up to the kernel's error on t
+    rows = torch.arange(C)
+    assert (t[rows, argmax] >= t.amax(-1) - 2 * delta).all()
+    top = t.topk(2, dim=-1).values
+    clear = top[:, 0] - top[:, 1] > 2 * delta                          # no near-tie: must be exact
+    assert torch.equal(argmax[clear], t.argmax(-1)[clear])
+    lse_bound = 3 * delta + 70 * EPS * (1 + lse_ref.abs())
+    assert ((lse.double() - lse_ref).abs() <= lse_bound).all(), (lse.double() - lse_ref).abs().max()
+    mean_t = (p * t).sum(-1, keepdim=True)
+    spread = (p * (t - mean_t).abs()).sum(-1)
+    gap = (p * (t - t.amax(-1, keepdim=True)).abs()).sum(-1)
+    ent_bound = 2 * delta * spread + 70 * EPS * (1 + gap) + 70 * EPS * ent_ref.abs()
+    assert ((ent.double() - ent_ref).abs() <= ent_bound).all(), (ent.double() - ent_ref).abs().max()
+    rel = 2.0 ** -8 + (4 * delta + 70 * EPS)[:, None]
+    assert ((probs.double() - p).abs() <= p * rel + 2e-38).all()
+
+
+def test_vocab_in_place_and_threads(lib):
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(7, 3001, generator=gen) * 5).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.vocab(logits, 30.0, 0.7)
+        torch.set_num_threads(2)
+        two = native.vocab(logits, 30.0, 0.7)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    buf = logits.clone()
+    inplace = native.vocab(buf, 30.0, 0.7, in_place=True)
+    assert inplace[0].data_ptr() == buf.data_ptr()
+    for a, b in zip(one, inplace):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="temperature"):
+        native.vocab(logits, 30.0, 0.0)
+
+
+@pytest.mark.parametrize("C,V", [(64, 5003), (3, 262144)])
+def test_draw_bf16_is_the_inverse_cdf(lib, C, V):
+    """The drawn index v has cum[v] <= u * total < cum[v + 1] (float64 running sums of the bf16
+    values), up to the kernel's sums: 16-value fp32 chunks (<= 15 eps relative each) added in
+    fp64, so within 16 eps * total of the boundary; zero-probability entries are never drawn."""
+    gen = torch.Generator().manual_seed(C)
+    probs = torch.softmax(torch.randn(C, V, generator=gen) * 3, dim=-1)
+    probs[:, ::4] = 0.0
+    probs = probs.bfloat16()
+    u = torch.rand(C, dtype=torch.float64, generator=gen)
+    u[0], u[-1] = 0.0, 1.0 - 2.0 ** -53                               # both ends of [0, 1)
+    got = native.draw_bf16(probs, u)
+    p = probs.double()
+    cum = torch.cumsum(p, dim=-1)
+    total = cum[:, -1]
+    thr = u * total
+    rows = torch.arange(C)
+    assert (p[rows, got] > 0).all()
+    tol = 16 * EPS * total
+    assert (cum[rows, got] - p[rows, got] <= thr + tol).all()          # starts at or before thr
+    assert (cum[rows, got] > thr - tol).all()                          # ends after thr
+    assert got[0] == int((p[0] > 0).nonzero()[0])                      # u = 0: the first p > 0
+    assert got[-1] == int((p[-1] > 0).nonzero()[-1])                   # u -> 1: the last one
+
+
+def test_draw_bf16_frequencies(lib):
+    """Many draws from one small distribution: the frequencies are the probabilities (a chi-square
+    bound far out in the tail, p-value ~1e-9 for 4 degrees of freedom)."""
+    p = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.15, 0.25]]).bfloat16()
+    n = 20000
+    u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = native.draw_bf16(p.expand(n, -1).contiguous(), u)
+    counts = torch.bincount(got, minlength=6).double()
+    expect = p[0].double() / p[0].double().sum() * n
+    assert counts[1] == 0
+    keep = expect > 0
+    chi2 = (((counts - expect) ** 2)[keep] / expect[keep]).sum()
+    assert chi2 < 45.0, chi2
+
+
+@pytest.mark.parametrize("qtype,K", [("Q6_K", 512), ("Q4_K", 768), ("Q8_0", 288), ("Q5_0", 96),
+                                     ("F32", 100), ("BF16", 64)])
+@pytest.mark.parametrize("T,N", [(1, 37), (13, 300), (256, 130)])
+def test_qmatmul_t(lib, qtype, K, T, N):
+    """x [T, N] @ W [N, K] from W's blocks: against float64 with W dequantized by gguf-py (fp32
+    products and sums: each output a sum of N terms split in 4 ordered parts of 64-row tiles ->
+    bounded by (N + 8) eps32 * sum |x| |W|, within the 1e-5 relative slack used for qmatmul here);
+    bf16 x is the same matmul of the bf16 values (widened exactly)."""
+    rng = np.random.default_rng(T * N)
+    qt, ref = _weights(qtype, (N, K), rng)
+    x = torch.from_numpy(rng.standard_normal((T, N)).astype(np.float32))
+    for xx in (x, x.bfloat16()):
+        y = native.qmatmul_t(xx, qt)
+        exact = xx.double() @ ref
+        bound = (N + 8) * 2.0 ** -24 * (xx.double().abs() @ ref.abs()) + 1e-30
+        assert y.dtype == torch.float32 and y.shape == (T, K)
+        assert ((y.double() - exact).abs() <= bound).all()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.qmatmul_t(x, qt)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, native.qmatmul_t(x, qt))
+    with pytest.raises(ValueError, match="rows"):
+        native.qmatmul_t(x[:, :-1], qt)

@@ -20,7 +20,7 @@ import torch
 
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 2   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 3   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -73,6 +73,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_has_bf16.restype = i32
     lib.dn_sample.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.dn_sample.restype = i32
+    f32 = ctypes.c_float
+    lib.dn_vocab.argtypes = [ptr, i64, i64, f32, f32, ptr, ptr, ptr, ptr]
+    lib.dn_vocab_from_bf16.argtypes = lib.dn_vocab.argtypes
+    lib.dn_draw_bf16.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.dn_qmatmul_t.argtypes = lib.dn_qmatmul.argtypes
+    lib.dn_qmatmul_t_bf16.argtypes = lib.dn_qmatmul.argtypes
+    for fn in (lib.dn_vocab, lib.dn_vocab_from_bf16, lib.dn_draw_bf16, lib.dn_qmatmul_t,
+               lib.dn_qmatmul_t_bf16):
+        fn.restype = i32
     lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16):
@@ -205,6 +214,19 @@ def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) 
     return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
 
 
+def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
+    """x [T, N] @ qt[N, K] -> [T, K] fp32 (the weight's rows are the reduction), e.g.
+    softmax(logits) @ E from the embedding's blocks; x fp32 or bf16, fp32 accumulation."""
+    N, K = qt.shape
+    if x.dim() != 2 or x.shape[-1] != N:
+        raise ValueError(f"qmatmul_t: x has shape {list(x.shape)}, {qt.name or 'weight'} has {N} rows")
+    raw, (xk, kind) = _raw(qt), _act(x)
+    y = torch.empty(xk.shape[0], K, dtype=torch.float32)
+    _call("dn_qmatmul_t" + kind, xk.data_ptr(), xk.shape[0], N, raw.data_ptr(), QTYPE_IDS[qt.qtype], K,
+          y.data_ptr())
+    return y
+
+
 def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
         weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Routed experts, semantics of ops.moe_experts: x [T, K], gate_up [E, 2F, K], down [E, K, F],
@@ -224,6 +246,42 @@ def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
           _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
           idx.shape[1], out.data_ptr())
     return out.to(out_dtype or x.dtype)
+
+
+def vocab(logits: torch.Tensor, cap: float | None, temperature: float, *, in_place: bool = False):
+    """The vocabulary side of a bf16-mode step (dn_vocab): logits [C, V] fp32 or bf16 ->
+    (probs [C, V] bf16 = softmax(cap tanh(logits / cap) / temperature), argmax [C] int64,
+    lse [C] fp32, entropy [C] fp32). `in_place` with bf16 logits writes probs over them."""
+    if logits.dim() != 2 or logits.device.type != "cpu":
+        raise ValueError(f"vocab: logits must be a [C, V] CPU tensor, got {list(logits.shape)} on {logits.device}")
+    if not temperature > 0:
+        raise ValueError(f"vocab: temperature must be > 0, got {temperature}")
+    if logits.dtype == torch.bfloat16:
+        src, name = logits.contiguous(), "dn_vocab_from_bf16"
+    else:
+        src, name = _f32(logits), "dn_vocab"
+    C, V = src.shape
+    probs = src if in_place and src.dtype == torch.bfloat16 and src.data_ptr() == logits.data_ptr() \
+        else torch.empty(C, V, dtype=torch.bfloat16)
+    argmax = torch.empty(C, dtype=torch.int64)
+    lse, entropy = torch.empty(C, dtype=torch.float32), torch.empty(C, dtype=torch.float32)
+    _call(name, src.data_ptr(), C, V, float(cap or 0.0), float(temperature), probs.data_ptr(),
+          argmax.data_ptr(), lse.data_ptr(), entropy.data_ptr())
+    return probs, argmax, lse, entropy
+
+
+def draw_bf16(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row of bf16 probs [C, V] by the inverse CDF at uniforms u [C] (float64 in
+    [0, 1)): the first v whose running sum exceeds u * the row's sum (dn_draw_bf16)."""
+    if probs.dim() != 2 or probs.dtype != torch.bfloat16 or probs.device.type != "cpu":
+        raise ValueError("draw_bf16: probs must be a [C, V] bf16 CPU tensor")
+    p = probs.contiguous()
+    uu = u.detach().to(torch.float64).contiguous()
+    if uu.shape != (p.shape[0],):
+        raise ValueError(f"draw_bf16: need {p.shape[0]} uniforms, got {list(uu.shape)}")
+    out = torch.empty(p.shape[0], dtype=torch.int64)
+    _call("dn_draw_bf16", p.data_ptr(), p.shape[0], p.shape[1], uu.data_ptr(), out.data_ptr())
+    return out
 
 
 def _state_layout_ok() -> bool:

@@ -168,10 +168,12 @@ def _denoise_canvas(denoise, sampler: SamplerConfig, C: int, V: int, gen: torch.
         if fused:
             out = denoise(canvas, sc, temperature)
             sc = out.soft       # FIELD trap 5: softmax of this step's tempered logits, @ E
-            # softmax(logits / T) = exp(logits / T - lse), in place on the tempered logits
-            # (inference tensors of model.denoise_fused: in place only in inference mode)
-            with torch.inference_mode():
-                probs = out.logits.sub_(out.lse[:, None]).exp_()          # [C, V]
+            probs = getattr(out, "probs", None)    # the CPU head's bf16 softmax (compute/vocab.py)
+            if probs is None:
+                # softmax(logits / T) = exp(logits / T - lse), in place on the tempered logits
+                # (inference tensors of model.denoise_fused: in place only in inference mode)
+                with torch.inference_mode():
+                    probs = out.logits.sub_(out.lse[:, None]).exp_()      # [C, V]
             sampled = sample(probs, gen)                                    # [C] as multinomial
             argmax, entropy = out.argmax, out.entropy                     # [C], [C]
             del out, probs

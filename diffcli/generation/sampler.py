@@ -124,10 +124,17 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     q in ~1/2 to 2/3 of the time; the native library (native.sample) runs the generator itself
     and the rest in parallel, faster still (tests/test_sampler.py and tests/test_native.py check
     tokens and state against torch.multinomial). Other devices keep torch.multinomial: their
-    kernels differ."""
+    kernels differ. bf16 probabilities on the CPU (bf16 mode's native head, compute/vocab.py) get
+    one inverse-CDF draw per row from a float64 uniform of `gen` instead (native.draw_bf16)."""
+    from ..compute import native
+    if probs.device.type == "cpu" and gen.device.type == "cpu" and probs.dtype == torch.bfloat16 \
+            and native.available():
+        # bf16 mode's fused CPU head (compute/vocab.py): an inverse-CDF draw per row, one float64
+        # uniform per row from `gen` (not multinomial's draws; f32 mode never gets here)
+        u = torch.rand(probs.shape[0], dtype=torch.float64, generator=gen)
+        return native.draw_bf16(probs, u)
     if probs.device.type != "cpu" or gen.device.type != "cpu" or probs.dtype != torch.float32:
         return torch.multinomial(probs, 1, generator=gen).view(-1)
-    from ..compute import native
     drawn = native.sample(probs, gen)          # the same race in C++, generator included
     if drawn is not None:
         return drawn

@@ -198,8 +198,13 @@ class DiffusionGemma:
         head's device: logits [C, V] fp32 (divided by `temperature` when `tempered_logits`),
         argmax/lse/entropy [C] of logits / temperature, soft [C, H] fp32 (where E lives).
         Needs a Triton-capable head (`use_fused_head`)."""
-        from ..kernels.vocab import VocabOut, vocab_head
         x, E = self._decode(cache, canvas_ids, None, sc_soft)
+        if self.w.embed.device.type == "cpu" and backend_for("cpu") == "native":
+            from ..compute import vocab as cpu_vocab      # CpuVocabOut: probs instead of logits
+            if E is None:
+                E = self._dense_embedding() if self.cache_embedding else self.w.embed
+            return cpu_vocab.vocab_head(x, E, self.config.final_logit_softcap, float(temperature))
+        from ..kernels.vocab import VocabOut, vocab_head
         if E is None:
             E = self._dense_embedding()                                # [V, H]
         out = vocab_head(x.to(E.device, E.dtype), E, self.config.final_logit_softcap,
@@ -219,7 +224,12 @@ class DiffusionGemma:
             raise ValueError("pass sc_logits or sc_soft, not both")
         ids = self._ids(canvas_ids)
         E = None
-        if sc_logits is not None:
+        if sc_logits is not None and not self.cache_embedding and self._embed_blocks_native():
+            # straight from the embedding's blocks (native kernel): no dense [V, H] copy
+            from ..compute import vocab as cpu_vocab
+            probs = torch.softmax(sc_logits.to(self.w.embed.device).float(), dim=-1)   # [C, V]
+            sc_soft = cpu_vocab.soft_embedding(probs.to(self.dtype), self.w.embed)    # [C, H]
+        elif sc_logits is not None:
             E = self._dense_embedding()                                # [V, H]
             probs = torch.softmax(sc_logits.to(E.device).float(), dim=-1)   # [C, V]
             sc_soft = probs.to(E.dtype) @ E                            # [C, H]
@@ -300,6 +310,9 @@ class DiffusionGemma:
         if not self.fused_head:
             return False
         dev = self.w.embed.device
+        if dev.type == "cpu" and backend_for("cpu") == "native" and self.dtype == torch.bfloat16:
+            from ..compute import vocab as cpu_vocab      # the native CPU head (bf16 mode only)
+            return cpu_vocab.available()
         if backend_for(dev.type) != "triton" or not _triton_available():
             return False
         return dev.type == "cuda" or (dev.type == "cpu" and triton_interpret())
@@ -325,6 +338,12 @@ class DiffusionGemma:
                 int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
         return ids.to(self.device)
+
+    def _embed_blocks_native(self) -> bool:
+        """Whether the native library multiplies by the embedding's own CPU blocks (head and
+        self-conditioning without a dense copy)."""
+        from ..compute import vocab as cpu_vocab
+        return cpu_vocab.blocks_usable(self.w.embed, self.dtype)
 
     def _dense_embedding(self) -> torch.Tensor:
         """E [V, H] in the activation dtype, for the SC soft embedding (probs @ E) and the head.
@@ -448,8 +467,9 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     accelerators and on CPUs with bf16 dot products, float32 on other CPUs. float32 on the CPU
     reproduces transformers' fp32 logits to ~1e-5.
     cache_embedding: keep a dequantized copy of the tied embedding for the head and
-    self-conditioning (see DiffusionGemma._dense_embedding); default True unless the head runs in
-    float32 on the CPU (where the copy would be 4 bytes per value).
+    self-conditioning (see DiffusionGemma._dense_embedding); default True off the CPU; on the CPU
+    False where the native kernels can use the embedding's blocks (compute/vocab.blocks_usable),
+    else only for a bf16 head (a float32 copy would be 4 bytes per value).
     mmap: False (--no-mmap) copies the CPU-placed weights out of the file mapping into process
     memory at load time (the whole file is read once); True leaves them as views of the mapping.
     """
@@ -472,7 +492,11 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
         keep_freed_memory()
     weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
     if cache_embedding is None:
-        cache_embedding = plan.head.type != "cpu" or act[plan.head] != torch.float32
+        # on the CPU the native kernels run the head and self-conditioning on the blocks (no
+        # copy: 1.5 GB in bf16 at the real shapes); without them a bf16 head keeps a bf16 copy
+        from ..compute import vocab as cpu_vocab
+        cache_embedding = plan.head.type != "cpu" or (
+            act[plan.head] != torch.float32 and not cpu_vocab.blocks_usable(weights.embed, act[plan.head]))
     model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
                            plan.layers, act)
     model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer

@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 2
+#define DN_ABI_VERSION 3
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -74,3 +74,22 @@ DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* g
 // out[c] = torch.multinomial(probs, 1, generator)[c] for probs [C, V] (rows need not sum to 1),
 // drawing from and advancing the CPU generator whose Generator.get_state() bytes are given.
 DN_API int dn_sample(const float* probs, int64_t C, int64_t V, uint8_t* torch_state, int64_t* out);
+
+// The vocabulary side of one step (bf16 mode), per row c of logits [C, V] (fp32, or bf16 bits):
+// t = cap * tanh(l / cap) / temperature (no softcap when cap <= 0); argmax[c] (first maximum of
+// t), lse[c] = logsumexp(t), entropy[c] = -sum p log p with p = softmax(t), and probs[c] = p as
+// bf16 bits. probs may be the same memory as bf16 logits. temperature must be > 0.
+DN_API int dn_vocab(const float* logits, int64_t C, int64_t V, float cap, float temperature,
+                    uint16_t* probs, int64_t* argmax, float* lse, float* entropy);
+DN_API int dn_vocab_from_bf16(const uint16_t* logits, int64_t C, int64_t V, float cap, float temperature,
+                              uint16_t* probs, int64_t* argmax, float* lse, float* entropy);
+// out[c] = the first v with sum(probs[c, :v+1]) > u[c] * sum(probs[c, :]) (bf16 probs, any scale;
+// u in [0, 1)): one draw per row by the inverse CDF.
+DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const double* u, int64_t* out);
+
+// y[T, K] = x[T, N] @ W[N, K], W given as N rows of ggml blocks (the transpose of dn_qmatmul's
+// use): softmax(logits) @ E from the embedding's blocks. fp32 accumulation; x fp32 or bf16 bits.
+DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K,
+                        float* y);
+DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
+                             int64_t K, float* y);

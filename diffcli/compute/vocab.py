@@ -1,0 +1,85 @@
+"""The vocabulary side of a denoising step on the CPU in bf16 mode (the native library's dn_vocab).
+
+Legend: C canvas positions, V vocabulary, H hidden.
+
+What the fused Triton head (kernels/vocab.py) is on a GPU, this is on the CPU: from the final
+hidden state x [C, H] and the tied embedding E [V, H] it returns the head's statistics at this
+step's temperature (argmax, logsumexp, entropy), the probabilities the sampler draws from, and the
+next step's self-conditioning input softmax(logits / T).to(bf16) @ E. The per-row work (softcap,
+tempering, softmax, entropy, argmax) runs in one native call over the head's bf16 logits; the
+probabilities overwrite the logits in place as bf16, so the step holds one [C, V] bf16 buffer
+(134 MB at V = 262144) and no [C, V] fp32 one (the unfused path holds two to three of 268 MB).
+
+Numerics follow transformers' bf16 mode: the logits are the bf16 product x @ E.T, widened to
+fp32 for everything after; the probabilities feeding the self-conditioning matmul are rounded to
+bf16 (as `probs.to(E.dtype)` does). The draw (sampler.sample on these bf16 probabilities) is an
+inverse-CDF draw, not torch.multinomial's: bf16 mode does not promise transformers' tokens; f32
+mode keeps the unfused path and its exact draws.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..gguf.qtensor import QTensor
+from . import native
+
+__all__ = ["CpuVocabOut", "available", "vocab_head"]
+
+
+class CpuVocabOut(NamedTuple):
+    logits: None                  # never materialised in fp32 (kernels.vocab.VocabOut's field)
+    argmax: torch.Tensor          # [C] int64, first maximum of the tempered logits
+    lse: torch.Tensor             # [C] fp32 logsumexp of the tempered logits
+    entropy: torch.Tensor         # [C] fp32 entropy (nats) of their softmax
+    soft: torch.Tensor            # [C, H] fp32 softmax(...).to(bf16) @ E
+    probs: torch.Tensor           # [C, V] bf16 softmax of the tempered logits (the draw's input)
+
+
+def available() -> bool:
+    """Whether the native library (with dn_vocab) is loaded."""
+    return native.available()
+
+
+def blocks_usable(E, dtype: torch.dtype) -> bool:
+    """Whether the native kernels can run the head (qmatmul) and the self-conditioning product
+    (qmatmul_t) on the embedding's own CPU blocks for activations of `dtype`, so no dense copy
+    of E is needed."""
+    from .backend import backend_for
+    return isinstance(E, QTensor) and E.raw.device.type == "cpu" and backend_for("cpu") == "native" \
+        and native.supports(E.qtype, dtype)
+
+
+def head_logits(x: torch.Tensor, E: torch.Tensor | QTensor) -> torch.Tensor:
+    """x [C, H] @ E[V, H].T: bf16 [C, V] from a dense bf16 E; fp32 from the quantized blocks."""
+    if isinstance(E, QTensor):
+        return native.qmatmul(x.to(torch.bfloat16), E, out_dtype=torch.float32)
+    return x.to(E.dtype) @ E.t()
+
+
+def vocab_stats(logits: torch.Tensor, cap: float | None, temperature: float):
+    """(probs bf16 [C, V], argmax, lse, entropy) of logits [C, V]; bf16 logits are overwritten."""
+    return native.vocab(logits, cap, temperature, in_place=True)
+
+
+def soft_embedding(probs: torch.Tensor, E: torch.Tensor | QTensor) -> torch.Tensor:
+    """probs [C, V] bf16 @ E [V, H] -> [C, H] fp32."""
+    if isinstance(E, QTensor):
+        return native.qmatmul_t(probs, E)
+    return (probs.to(E.dtype) @ E).float()
+
+
+def vocab_head(x: torch.Tensor, E: torch.Tensor | QTensor, cap: float | None,
+               temperature: float) -> CpuVocabOut:
+    """One step's vocabulary side from the final hidden state x [C, H] and the embedding E
+    (a dense bf16 copy, or its quantized blocks)."""
+    logits = head_logits(x, E)                                       # [C, V]
+    probs, argmax, lse, entropy = vocab_stats(logits, cap, temperature)
+    del logits
+    soft = soft_embedding(probs, E)                                  # [C, H]
+    return CpuVocabOut(None, argmax, lse, entropy, soft, probs)
+
+
+# what scripts/bench_cpu.py --real-shapes times, by stage
+BENCH_STAGES = {"head_logits": "head", "vocab_stats": "head", "soft_embedding": "self_cond"}
