@@ -13,14 +13,15 @@ import json
 import re
 import sys
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import DiffcliError, InputError
-from ..gguf import quants
-from ..gguf.reader import GGUFFile, open_gguf
 from ..model.config import ARCH, ModelConfig
+
+if TYPE_CHECKING:       # the reader and the block formats import torch: not for --help
+    from ..gguf.reader import GGUFFile
 
 RUNTIME_CONTEXT = 4096          # tokens of KV cache assumed by the memory estimate
 _LONG_ARRAY = 8                 # arrays longer than this are summarised in the metadata view
@@ -69,6 +70,7 @@ def runtime_estimate(cfg: ModelConfig, f: GGUFFile, act_bytes: int,
 
 def describe(f: GGUFFile) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
+    from ..gguf import quants
     tensors = []
     for name in f.tensor_names:
         info = f.info(name)
@@ -270,6 +272,7 @@ def render_rich(d: dict, console, verbose: bool = False) -> None:
               help="Every tensor and all metadata (and a traceback on errors).")
 def inspect_cmd(file: str, as_json: bool, verbose: bool) -> None:
     """Show what is in a GGUF file: architecture, config, tensors, types, memory."""
+    from ..gguf.reader import open_gguf
     d = describe(open_gguf(file))
     if as_json:
         click.echo(json.dumps(d, default=str))
