@@ -141,6 +141,15 @@ def format_groups(ctx: click.Context, params: Iterable[click.Parameter],
             formatter.write_dl(rows[group])
 
 
+def version() -> str:
+    """The installed package's version (the root package is not the front end's to import)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return installed("diffcli")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 # ---- option value types ------------------------------------------------------------------
 
 class LayerCount(click.ParamType):

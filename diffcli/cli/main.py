@@ -125,8 +125,8 @@ def _fail(ctx: click.Context, message: str, code: int) -> None:
 
 def _version(ctx: click.Context, param, value) -> None:
     if value and not ctx.resilient_parsing:
-        from .. import __version__
-        click.echo(f"diffcli {__version__}")
+        from .flags import version
+        click.echo(f"diffcli {version()}")
         ctx.exit(0)
 
 

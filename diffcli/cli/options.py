@@ -362,8 +362,8 @@ def _seed(ctx, param, value):
 
 def _version(ctx, param, value):
     if value and not ctx.resilient_parsing:
-        from .. import __version__
-        click.echo(f"diffcli {__version__}")
+        from .flags import version
+        click.echo(f"diffcli {version()}")
         ctx.exit(0)
 
 

@@ -72,7 +72,8 @@ def parse_device(text: str, flag: str = "-ot") -> torch.device:
 def cuda_count() -> int:
     """CUDA devices torch can use here (0 without a CUDA build or driver)."""
     try:
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        # is_available() implies one device at least (a test double may set only that)
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 0
     except (RuntimeError, AssertionError):
         return 0
 
