@@ -397,6 +397,7 @@ def test_device_strings_are_one_line(model_path, monkeypatch, args, needle):
 def test_device_lists(monkeypatch):
     monkeypatch.setattr(placement, "cuda_count", lambda: 2)
     assert placement.parse_device_list("CUDA1") == ("cuda:1", None)
+    assert placement.parse_device_list("cuda") == ("cuda", None)
     name, note = placement.parse_device_list("CUDA1,CUDA0")
     assert name == "cuda:1" and "offloads to one device; using CUDA1" in note
     assert placement.parse_device_list("none") == ("cpu", None)

@@ -123,7 +123,13 @@ def parse_device_list(text: str, flag: str = "-dev") -> tuple[str, str | None]:
     if not accels:
         return "cpu", None
     first = accels[0]
-    name = "mps" if first.type == "mps" else f"cuda:{first.index or 0}"
+    bare = _CUDA.fullmatch(named[first].strip().lower())
+    if first.type == "mps":
+        name = "mps"
+    elif bare and not bare.group(1):
+        name = "cuda"                     # no index given: torch's current device
+    else:
+        name = f"cuda:{first.index or 0}"
     note = None
     if len(accels) > 1:
         note = (f"diffcli: {flag} {text}: diffcli offloads to one device; using {named[first]}")
