@@ -65,8 +65,10 @@ def parse_device(text: str, flag: str = "-ot") -> torch.device:
         return torch.device("cuda", int(m.group(1) or 0))
     if t in ("mps", "metal", "mtl0"):
         return torch.device("mps", 0)
+    names = "auto, cpu, none, CUDA0 (or cuda:N) or mps" if flag == "-dev" else \
+        "CPU, CUDA0 (or cuda:N) or mps"
     raise InputError(f"{flag}: unknown device {text!r}",
-                     fix="use CPU, CUDA0 (or cuda:N) or mps; --list-devices shows this machine's")
+                     fix=f"use {names}; --list-devices shows this machine's")
 
 
 def cuda_count() -> int:
@@ -89,8 +91,9 @@ def check_available(device: torch.device, flag: str, text: str | None = None) ->
     if device.type == "cuda":
         n = cuda_count()
         if n == 0:
+            fix = "put those tensors on CPU" if flag == "-ot" else "use cpu, or leave -dev at auto"
             raise InputError(f"{flag} {shown}: no CUDA device is available on this machine",
-                             fix="use cpu (or leave -dev at auto); --list-devices shows the devices")
+                             fix=f"{fix}; --list-devices shows the devices")
         if (device.index or 0) >= n:
             have = ", ".join(f"CUDA{i}" for i in range(n))
             raise InputError(f"{flag} {shown}: this machine has {n} CUDA device"
