@@ -345,6 +345,8 @@ def test_hf_quant_tags_and_errors(hub):
     assert res.exit_code == 2 and "is not USER/REPO[:QUANT]" in one_error(res)
     res = run(["-hf", "user/tiny-GGUF", "-m", "x.gguf", "-p", "x"])
     assert res.exit_code == 2 and "both -m and -hf" in one_error(res)
+    res = run(["-hf", "user/noq4", "--image", "a.png", "-p", "x", *FAST])
+    assert res.exit_code == 2 and "-hf user/noq4 has no mmproj file" in one_error(res)
 
 
 def test_hf_image_brings_the_mmproj(hub, tmp_path, monkeypatch):

@@ -242,6 +242,9 @@ class RunOptions:
             self.model = got.model
             if got.mmproj is not None:
                 self.mmproj = got.mmproj
+            elif self.image and self.mmproj is None:
+                raise InputError(f"--image needs the vision tower, and -hf {self.hf_repo} has no "
+                                 "mmproj file", fix="add --mmproj mmproj-*.gguf")
         self._validated = True
 
     def _check_sampler_values(self) -> None:
