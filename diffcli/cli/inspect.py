@@ -13,14 +13,16 @@ import json
 import re
 import sys
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import DiffcliError, InputError
-from ..gguf.reader import GGUFFile, open_gguf
 from ..model.config import ARCH, ModelConfig
-from ..model.weights import RUNNABLE_TYPES, problems as tensor_problems
+
+
+if TYPE_CHECKING:       # the reader and the block formats import torch: not for --help
+    from ..gguf.reader import GGUFFile
 
 RUNTIME_CONTEXT = 4096          # tokens of KV cache assumed by the memory estimate
 _LONG_ARRAY = 8                 # arrays longer than this are summarised in the metadata view
@@ -76,19 +78,14 @@ def _check(problems: list[str], fn, *args):
         return None
 
 
-def runtime_problems(f: GGUFFile, cfg: ModelConfig, skip_types: bool = False) -> list[str]:
-    """What `diffcli run` would refuse besides the config, checked the way it checks them: the
-    tensors (names, shapes, types), the sampler keys, the tokenizer and the chat template."""
+def runtime_problems(f: GGUFFile, cfg: ModelConfig) -> list[str]:
+    """What `diffcli run` would refuse besides the config and the tensors, checked the way it
+    checks them: the sampler keys, the tokenizer and the chat template."""
     from ..generation.sampler import SamplerConfig
-    from ..model.weights import validate
     from ..text.chat import ChatTemplate
     from ..text.tokenizer import Tokenizer
 
     problems: list[str] = []
-    shapes: list[str] = []
-    _check(shapes, validate, f, cfg)
-    if not (skip_types and shapes and "cannot run" in shapes[0]):
-        problems += shapes
     _check(problems, SamplerConfig.resolve, cfg)
     tok = _check(problems, Tokenizer.from_gguf, f)
     if tok is not None and tok.chat_template:
@@ -98,6 +95,8 @@ def runtime_problems(f: GGUFFile, cfg: ModelConfig, skip_types: bool = False) ->
 
 def describe(f: GGUFFile) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
+    from ..gguf import quants
+    from ..model.weights import RUNNABLE_TYPES, problems as tensor_problems
     tensors = []
     for name in f.tensor_names:
         info = f.info(name)
@@ -122,7 +121,7 @@ def describe(f: GGUFFile) -> dict[str, Any]:
             problems.append(f"tensor types without a dequantiser: {', '.join(unsupported)}; "
                             "re-quantize the model to Q4_K_M or Q8_0")
         if cfg is not None:
-            problems += runtime_problems(f, cfg, skip_types=bool(unsupported))
+            problems += runtime_problems(f, cfg)
     return {
         "file": str(f.path),
         "file_size": f.file_size,
@@ -300,6 +299,7 @@ def render_rich(d: dict, console, verbose: bool = False) -> None:
               help="Every tensor and all metadata (and a traceback on errors).")
 def inspect_cmd(file: str, as_json: bool, verbose: bool) -> None:
     """Show what is in a GGUF file: architecture, config, tensors, types, memory."""
+    from ..gguf.reader import open_gguf
     d = describe(open_gguf(file))
     if as_json:
         click.echo(json.dumps(d, default=str))

@@ -1,12 +1,17 @@
 """The flags of `diffcli run`, as Click options and as the `RunOptions` dataclass they parse into.
 
-Names and defaults mirror llama-diffusion-cli (llama.cpp PR #24423, spec §C.8). Flags that only
-matter to llama.cpp's legacy masked-diffusion path or to its memory planner are accepted so that
-command lines can be pasted unchanged, and say so in --help and in one log line when given.
+Names, forms and defaults mirror llama-diffusion-cli (llama.cpp PR #24423, spec §C.8, and
+llama.cpp's common/arg.cpp for the common flags): `-sysf`, `-no-cnv`, `-cmoe`, `-ngl all`,
+`-fit on`, `-e/--no-escape` and the rest parse as there (see flags.py for the parser). Flags that
+only matter to llama.cpp's legacy masked-diffusion path, to its other samplers or to its memory
+planner are accepted so that command lines can be pasted unchanged, and say so in --help and in
+one log line when given. A value llama.cpp gives a meaning to (`-t 0`, `--diffusion-eb-max-steps
+0`) is followed and logged; a value it does not define (`-n 0`, `-n -5`) is refused in one line.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +19,7 @@ from typing import Any
 import click
 
 from ..errors import InputError
+from .flags import FlagOption, LayerCount, Switch
 
 DEFAULT_SEED = 0xFFFFFFFF
 AUTO_ON_OFF = click.Choice(["auto", "on", "off"], case_sensitive=False)
@@ -28,39 +34,103 @@ IGNORED = {  # dest: (default, why it has no effect in diffcli)
     "temp": (None, "the entropy-bound sampler has its own temperature schedule (as in llama.cpp)"),
     "top_k": (None, "the entropy-bound sampler does not use it (as in llama.cpp)"),
     "top_p": (None, "the entropy-bound sampler does not use it (as in llama.cpp)"),
+    "min_p": (None, "the entropy-bound sampler does not use it (as in llama.cpp)"),
+    "repeat_penalty": (None, "the entropy-bound sampler does not use it (as in llama.cpp)"),
     "flash_attn": ("auto", "diffcli picks its attention kernel itself"),
     "cache_type_k": (None, "the encoder cache is kept in the activation dtype"),
     "cache_type_v": (None, "the encoder cache is kept in the activation dtype"),
     "threads_batch": (None, "diffcli uses one thread pool (-t)"),
     "mlock": (False, "the weights stay memory-mapped"),
     "check_tensors": (False, "tensor shapes and types are always validated at load"),
-    "fit": (False, "it has no effect (as in llama.cpp's diffusion runner)"),
+    "fit": ("off", "diffcli does not shrink a placement by itself; one that does not fit is "
+                   "refused with a -ngl / --n-cpu-moe that does"),
     "diffusion_gpu_sampling": ("auto", "diffcli always keeps the canvas logits on the model's device"),
     "diffusion_gpu_sample_reduce": ("auto", "diffcli always reduces on the model's device"),
 }
+# llama.cpp's --cpu-moe: every expert matrix on the CPU (an -ot rule after the user's own)
+CPU_MOE_RULE = r"\.ffn_(gate_up|down)_exps\.weight$=CPU"
+# the sampler flags' "not given" value (llama.cpp's: the GGUF key, else the default, is used)
+EB_UNSET = {"diffusion_eb_max_steps": (0, -1), "diffusion_eb_t_max": (-1,),
+            "diffusion_eb_t_min": (-1,), "diffusion_eb_entropy_bound": (-1,),
+            "diffusion_eb_stability": (-1,), "diffusion_eb_confidence": (-1,)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def process_escapes(text: str) -> str:
+    r"""llama.cpp's -e (on by default) on -p: \n \r \t \' \" \\ and \xHH (two hex digits: one
+    byte) become what they stand for; any other backslash stays as typed. It works on the UTF-8
+    bytes, as llama.cpp does, so \xHH sequences may spell a multi-byte character."""
+    simple = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"',
+              ord("\\"): b"\\"}
+    hexdigits = b"0123456789abcdefABCDEF"
+    data, out, i = text.encode("utf-8", "surrogateescape"), bytearray(), 0
+    while i < len(data):
+        if data[i] != ord("\\") or i + 1 == len(data):
+            out.append(data[i])
+            i += 1
+            continue
+        nxt = data[i + 1]
+        digits = data[i + 2:i + 4]
+        if nxt in simple:
+            out += simple[nxt]
+            i += 2
+        elif nxt == ord("x") and len(digits) == 2 and all(d in hexdigits for d in digits):
+            out.append(int(digits, 16))
+            i += 4
+        else:
+            out += data[i:i + 2]
+            i += 2
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("-p is not UTF-8 text (after its escapes were processed)",
+                         fix="fix the text or its \\xHH sequences, or pass --no-escape") from None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass
 class RunOptions:
-    model: str
+    model: str | None = None
     prompt: str | None = None
     file: str | None = None
     system: str | None = None
+    system_file: str | None = None
     conversation: bool = False
+    escape: bool = True
     n_predict: int = -1
+    ignore_eos: bool = False
     n_gpu_layers: int = -1
     ctx_size: int = 0
     batch_size: int = 2048
     ubatch_size: int = 512
-    threads: int = -1
+    threads: int | None = None
     seed: int = DEFAULT_SEED
     override_tensor: tuple[str, ...] = ()
     n_cpu_moe: int | None = None
+    cpu_moe: bool = False
     no_mmap: bool = False
     verbose: bool = False
+    log_verbosity: int | None = None
+    log_disable: bool = False
+    log_file: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     no_cuda_graphs: bool = False
+    # -hf: a GGUF from the Hugging Face hub (hub.py)
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    hf_token: str | None = None
+    offline: bool = False
     # entropy-bound sampler: None = take the GGUF key, else the default (§C.1)
     diffusion_eb: str = "auto"
     diffusion_eb_max_steps: int | None = None
@@ -92,10 +162,12 @@ class RunOptions:
     no_perf: bool = False
     extra: dict[str, Any] = field(default_factory=dict)   # accepted-but-ignored and legacy flags
     prompt_text: str | None = None                         # filled in once the prompt is read
+    notes: list[str] = field(default_factory=list)        # values replaced, one log line each
+    _validated: bool = field(default=False, repr=False)
 
     @classmethod
     def from_click(cls, kwargs: dict[str, Any]) -> "RunOptions":
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} - {"extra", "notes", "_validated", "prompt_text"}
         known = {k: v for k, v in kwargs.items() if k in names}
         extra = {k: v for k, v in kwargs.items() if k not in names}
         known["override_tensor"] = tuple(known.get("override_tensor") or ())
@@ -103,11 +175,26 @@ class RunOptions:
         return cls(**known, extra=extra)
 
     def validate(self) -> None:
+        """Check every flag (one InputError line for the first bad one), apply llama.cpp's
+        meanings (escapes in -p, -sysf, -t <= 0, -dev lists, --cpu-moe; each value replaced
+        noted in `notes`), then fetch an -hf model. Runs once; later calls return at once."""
+        if self._validated:
+            return
+
         def bad(flag: str, value: Any, fix: str) -> InputError:
             return InputError(f"bad value for {flag}: {value!r}", fix=fix)
 
+        if self.model is None and self.hf_repo is None:
+            raise InputError("no model given", fix="pass -m FILE.gguf, or -hf USER/REPO[:QUANT] "
+                             "to download one from Hugging Face")
+        if self.model is not None and self.hf_repo is not None:
+            raise InputError("both -m and -hf were given", fix="pass the model one way")
+        if self.hf_repo is None and self.hf_file is not None:
+            raise InputError("-hff names a file of an -hf repository", fix="add -hf USER/REPO")
         if self.prompt is not None and self.file is not None:
             raise InputError("both -p and -f were given", fix="pass the prompt one way")
+        if self.system is not None and self.system_file is not None:
+            raise InputError("both -sys and -sysf were given", fix="pass the system prompt one way")
         if self.diffusion_eb.lower() == "off":
             raise InputError("--diffusion-eb off selects llama.cpp's legacy masked-diffusion decoder, "
                              "which diffcli does not implement", fix="leave it at auto or on")
@@ -117,17 +204,89 @@ class RunOptions:
             raise bad("--diffusion-visual-interval", self.diffusion_visual_interval, "use 1 or more")
         if self.ctx_size < 0:
             raise bad("-c/--ctx-size", self.ctx_size, "use 0 (the model's context) or a positive size")
+        if self.n_predict == 0 or self.n_predict < -1:
+            raise bad("-n/--predict", self.n_predict, "use a number of tokens > 0, or -1 for "
+                      "--diffusion-blocks canvases (llama.cpp's -1 = no limit)")
+        if self.n_gpu_layers < -1:
+            raise bad("-ngl/--n-gpu-layers", self.n_gpu_layers, "use a number of layers >= 0, "
+                      "all, or auto (-1)")
+        if self.n_cpu_moe is not None and self.n_cpu_moe < 0:
+            raise bad("-ncmoe/--n-cpu-moe", self.n_cpu_moe, "use a number of layers >= 0")
+        if self.reasoning_budget is not None and self.reasoning_budget < -1:
+            raise bad("--reasoning-budget", self.reasoning_budget,
+                      "use -1 (thinking on, no budget), 0 (thinking off) or N > 0")
         if not 0 <= self.seed <= 0xFFFFFFFFFFFFFFFF:
             raise bad("-s/--seed", self.seed, "use a non-negative integer (-1 means 4294967295)")
+        self._check_sampler_values()
         self.template_kwargs()          # parse errors surface before the model loads
         if self.chat_template_file is not None and not Path(self.chat_template_file).is_file():
             raise InputError("no such file", path=self.chat_template_file,
                              fix="check the --chat-template-file path")
         if self.trace is not None and Path(self.trace).is_dir():
             raise InputError("is a directory", path=self.trace, fix="give --trace a file name")
-        if self.image and self.mmproj is None:
+        if self.image and self.mmproj is None and self.hf_repo is None:
             raise InputError("--image needs the vision tower", fix="add --mmproj mmproj-*.gguf "
                              "(made with `diffcli convert HF_DIR --mmproj`)")
+        self._place()
+        self._threads()
+        if self.system_file is not None:
+            self.system = read_text_file(self.system_file, "-sysf")
+        if self.escape and self.prompt is not None and self.prompt != "-":
+            self.prompt = process_escapes(self.prompt)
+        if self.think and self.reasoning_budget == 0:
+            self.notes.append("diffcli: --reasoning-budget 0 turns thinking off; it overrides "
+                              "--think")
+        if self.hf_repo is not None:
+            from .hub import resolve
+            got = resolve(self.hf_repo, self.hf_file, token=self.hf_token, offline=self.offline,
+                          mmproj=bool(self.image) and self.mmproj is None)
+            self.model = got.model
+            if got.mmproj is not None:
+                self.mmproj = got.mmproj
+            elif self.image and self.mmproj is None:
+                raise InputError(f"--image needs the vision tower, and -hf {self.hf_repo} has no "
+                                 "mmproj file", fix="add --mmproj mmproj-*.gguf")
+        self._validated = True
+
+    def _check_sampler_values(self) -> None:
+        """llama.cpp takes a --diffusion-eb-* value only when it is given (>= 0; > 0 for max
+        steps), else the GGUF key, else the default: its "not given" values (-1; 0 or -1 for
+        max steps) are followed and logged; any other negative value is refused."""
+        for dest, unset in EB_UNSET.items():
+            value = getattr(self, dest)
+            if value is None:
+                continue
+            if value in unset:
+                setattr(self, dest, None)
+                self.notes.append(f"diffcli: {_flag(dest)} {value:g} means not given: the GGUF's "
+                                  "value, else the default, is used (as in llama.cpp)")
+            elif value < 0:
+                lowest = 1 if dest == "diffusion_eb_max_steps" else 0
+                raise InputError(f"bad value for {_flag(dest)}: {value:g}",
+                                 fix=f"use {lowest} or more, or {unset[-1]} for the GGUF's value")
+
+    def _place(self) -> None:
+        from ..model.placement import check_overrides_available, parse_device_list
+        device, note = parse_device_list(self.device, "-dev")
+        self.device = device
+        if note:
+            self.notes.append(note)
+        check_overrides_available(self.override_tensor)
+        if self.cpu_moe:
+            self.override_tensor = (*self.override_tensor, CPU_MOE_RULE)
+
+    def _threads(self) -> None:
+        cpus = usable_cpus()
+        if self.threads is None:
+            self.threads = -1                     # torch's default
+        elif self.threads <= 0:
+            self.notes.append(f"diffcli: -t {self.threads}: using all {cpus} CPUs "
+                              "(llama.cpp's meaning of N <= 0)")
+            self.threads = cpus
+        elif self.threads > cpus:
+            self.notes.append(f"diffcli: warning: -t {self.threads} is more threads than the "
+                              f"{cpus} CPUs this process may use; each step waits for the extra "
+                              f"ones (try -t {cpus})")
 
     def sampler_overrides(self) -> dict[str, Any]:
         # llama.cpp takes a CLI value only when it is >= 0 (> 0 for max steps), else the GGUF key
@@ -162,8 +321,12 @@ class RunOptions:
             return Path(self.chat_template_file).read_text(encoding="utf-8")
         return from_file
 
+    def eog_ids(self, tokenizer) -> tuple[int, ...]:
+        """The ids that end a reply: none with --ignore-eos (llama.cpp's meaning)."""
+        return () if self.ignore_eos else tuple(tokenizer.eog_ids)
+
     def ignored_notes(self) -> list[str]:
-        notes = []
+        notes = list(self.notes)
         for dest, (default, why) in IGNORED.items():
             value = self.extra.get(dest, default)
             if value not in (default, None, False):
@@ -173,10 +336,26 @@ class RunOptions:
             if value is not None and value != default:
                 notes.append(f"diffcli: {flag} only applies to llama.cpp's legacy masked-diffusion "
                              "models; no effect on canvas models")
-        if self.reasoning_budget not in (None, 0, -1):
+        if self.reasoning_budget is not None and self.reasoning_budget > 0:
             notes.append("diffcli: --reasoning-budget N > 0 turns thinking on; the budget itself is "
                          "not enforced (the canvas length bounds each reply)")
         return notes
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """A UTF-8 text file for a flag, one trailing newline dropped (llama.cpp's -f / -sysf)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError("no such file", path=path, fix=f"check the {flag} path") from None
+    except IsADirectoryError:
+        raise InputError("is a directory", path=path, fix=f"give {flag} a file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read it: {exc.strerror}", path=path,
+                         fix=f"check the {flag} path") from None
+    except UnicodeDecodeError:
+        raise InputError("is not UTF-8 text", path=path, fix="convert it to UTF-8") from None
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _seed(ctx, param, value):
@@ -185,127 +364,196 @@ def _seed(ctx, param, value):
     return DEFAULT_SEED if value == -1 else value
 
 
+def _version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        from .flags import version
+        click.echo(f"diffcli {version()}")
+        ctx.exit(0)
+
+
+def _list_devices(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        from ..model.placement import list_devices
+        lines = list_devices()
+        click.echo("Available devices:")
+        click.echo("\n".join(lines) if lines else "  (none: diffcli runs on the CPU)")
+        ctx.exit(0)
+
+
 def click_options(f):
-    """Decorate the run command with every flag (listed in --help in this order)."""
+    """Decorate the run command with every flag, each in its help group (flags.GROUPS)."""
+    M, G, S, D, C, X = ("model and placement", "generation", "sampler (entropy-bound)",
+                        "display and output", "chat and thinking",
+                        "accepted for compatibility (no effect)")
+
+    def opt(group, *decls, **kw):
+        return click.option(*decls, cls=FlagOption, group=group, **kw)
+
+    def compat(*decls, **kw):
+        kw.setdefault("help", "Accepted; no effect.")
+        return opt(X, *decls, **kw)
+
+    no_eb = "ignored by the entropy-bound sampler (as in llama.cpp)."
     opts = [
-        # model and prompt
-        click.option("-m", "--model", required=True, type=click.Path(dir_okay=True),
-                     help="GGUF model file (diffusion-gemma)."),
-        click.option("-p", "--prompt", help="Prompt text; '-' reads it from stdin (as does a "
-                     "piped stdin when -p is not given)."),
-        click.option("-f", "--file", help="Read the prompt from FILE."),
-        click.option("-sys", "--system-prompt", "system", help="System prompt."),
-        click.option("-cnv", "--conversation", is_flag=True,
-                     help="Chat mode: '> ' prompt, /help, /clear, /exit; -p is the first turn."),
-        click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
-                     help="Tokens to generate: ceil(n/canvas) canvases; -1 = --diffusion-blocks."),
+        # model and placement
+        opt(M, "-m", "--model", type=click.Path(dir_okay=True), metavar="FILE",
+            help="GGUF model file (diffusion-gemma)."),
+        opt(M, "-hf", "-hfr", "--hf-repo", "hf_repo", metavar="USER/REPO[:QUANT]",
+            help="Download the model from this Hugging Face repository into the hub cache and "
+            "run it; QUANT (case-insensitive) picks the file, default Q4_K_M, else the repo's "
+            "first GGUF (needs huggingface_hub)."),
+        opt(M, "-hff", "--hf-file", "hf_file", metavar="FILE",
+            help="The file of the -hf repository to use (overrides QUANT)."),
+        opt(M, "-hft", "--hf-token", "hf_token", metavar="TOKEN", envvar="HF_TOKEN",
+            help="Hugging Face access token [env HF_TOKEN]."),
+        opt(M, "--offline", is_flag=True,
+            help="-hf uses the hub cache only, no network (as HF_HUB_OFFLINE=1)."),
+        opt(M, "--device", "-dev", "device", default="auto", show_default=True,
+            metavar="DEV[,DEV..]",
+            help="auto | cpu | none | CUDA0 (cuda:N) | mps; a llama.cpp list runs on its first "
+            "GPU (diffcli offloads to one device)."),
+        opt(M, "--list-devices", is_flag=True, expose_value=False, is_eager=True,
+            callback=_list_devices, help="Print the GPUs diffcli can use and exit."),
+        opt(M, "--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto",
+            show_default=True,
+            help="Activation dtype: auto = bf16 on GPUs and on CPUs with bf16 dot products "
+            "(AVX512-BF16/AMX), else f32; f32 reproduces transformers' fp32 logits."),
+        opt(M, "-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=LayerCount(),
+            default="-1", show_default=True, metavar="N|all|auto",
+            help="Layers on the GPU, the last ones: N, all or auto (-1: every layer; 0 = CPU only); "
+            "a placement that does not fit the free GPU memory stops with one that does."),
+        opt(M, "--n-cpu-moe", "-ncmoe", type=int, metavar="N",
+            help="Keep the experts of the first N layers on the CPU."),
+        opt(M, "--cpu-moe", "-cmoe", is_flag=True, help="Keep every layer's experts on the CPU."),
+        opt(M, "-ot", "--override-tensor", multiple=True, metavar="PATTERN=DEV",
+            help="Put tensors whose GGUF name matches PATTERN (a regex) on DEV "
+            "(CPU, CUDA0, cuda:N, mps); repeatable, first match wins."),
+        opt(M, "--no-mmap/--mmap", "no_mmap", default=False,
+            help="Read the weights into memory instead of mapping them (default: --mmap)."),
+        opt(M, "--no-cuda-graphs", is_flag=True,
+            help="Run every denoising step eagerly instead of replaying a CUDA graph "
+            "(as DIFFCLI_CUDA_GRAPHS=0)."),
+        opt(M, "-t", "--threads", type=int, default=None, metavar="N",
+            help="CPU threads [default: torch's choice]; N <= 0 = every CPU (as llama.cpp)."),
+        opt(M, "-c", "--ctx-size", type=int, default=0, show_default=True, metavar="N",
+            help="Max total tokens (prompt + canvases); 0 = the model's context. With -n it is "
+            "raised to n's canvases + 2048 as llama.cpp does (logged)."),
+        # generation: prompt and length
+        opt(G, "-p", "--prompt", metavar="PROMPT", help="Prompt text; '-' reads it from stdin "
+            "(as does a piped stdin when -p is not given)."),
+        opt(G, "-f", "--file", metavar="FILE", help="Read the prompt from FILE."),
+        opt(G, "-e", "--escape/--no-escape", "escape", default=True,
+            help="Turn \\n, \\t, \\r, \\', \\\", \\\\ and \\xHH in -p into the characters "
+            "(default: on, as llama.cpp; -f and stdin are read as they are)."),
+        opt(G, "-n", "--predict", "--n-predict", "n_predict", type=int, default=-1,
+            show_default=True, metavar="N",
+            help="Tokens to generate: ceil(N/canvas) canvases; -1 = --diffusion-blocks."),
+        opt(G, "--diffusion-blocks", type=int, default=1, show_default=True, metavar="N",
+            help="Canvases to generate when -n is not given."),
+        opt(G, "--ignore-eos", is_flag=True,
+            help="Do not stop at end-of-generation tokens: every canvas asked for is generated."),
+        opt(G, "-s", "--seed", type=int, default=None, callback=_seed, metavar="SEED",
+            help="RNG seed [default 4294967295 = 0xFFFFFFFF: deterministic, as llama.cpp; "
+            "-1 means the same]."),
+        opt(G, "--mmproj", "-mm", "mmproj", metavar="FILE",
+            help="Vision tower (mmproj GGUF) for --image and /image."),
+        opt(G, "--image", multiple=True, metavar="FILE",
+            help="Image for the prompt (repeatable); placed at <__media__> markers in "
+            "the prompt, else before the text."),
+        opt(G, "--image-max-tokens", type=click.Choice(["70", "140", "280", "560", "1120"]),
+            default="280", show_default=True, callback=lambda c, p, v: int(v),
+            help="Soft tokens per image (the Gemma 4 processor's budgets)."),
         # entropy-bound sampler
-        click.option("--diffusion-eb", type=AUTO_ON_OFF, default="auto", show_default=True,
-                     help="Entropy-bound decoder (auto = on for canvas models; off is not supported)."),
-        click.option("--diffusion-eb-max-steps", type=int, metavar="N",
-                     help="Max denoising steps per canvas [GGUF key, else 48]."),
-        click.option("--diffusion-eb-t-max", type=float, metavar="F",
-                     help="Temperature of the first step [GGUF key, else 0.8]."),
-        click.option("--diffusion-eb-t-min", type=float, metavar="F",
-                     help="End point of the temperature schedule [GGUF key, else 0.4]."),
-        click.option("--diffusion-eb-entropy-bound", type=float, metavar="F",
-                     help="Acceptance bound on summed entropy [GGUF key, else 0.1]."),
-        click.option("--diffusion-eb-stability", type=int, metavar="N",
-                     help="Steps the argmax must stay unchanged to stop [GGUF key, else 1]."),
-        click.option("--diffusion-eb-confidence", type=float, metavar="F",
-                     help="Mean-entropy stop threshold [GGUF key, else 0.005]."),
-        click.option("--diffusion-kv-cache", type=AUTO_ON_OFF, default="auto", show_default=True,
-                     help="Encode the prefix once (on/auto) or re-run it every step (off, ~2x slower)."),
-        click.option("--diffusion-gpu-sampling", type=AUTO_ON_OFF, default="auto", show_default=True,
-                     help="Accepted; diffcli always keeps canvas logits on the device."),
-        click.option("--diffusion-gpu-sample-reduce", type=AUTO_ON_OFF, default="auto",
-                     show_default=True, help="Accepted; reductions always run on the device."),
-        click.option("--diffusion-blocks", type=int, default=1, show_default=True, metavar="N",
-                     help="Canvases to generate when -n is not given."),
-        click.option("--diffusion-visual", is_flag=True,
-                     help="Live canvas view (terminal only): accepted / renoised / settled positions, "
-                     "entropy shading, status line."),
-        click.option("--diffusion-visual-progress", is_flag=True,
-                     help="Add a progress-bar line to the live view."),
-        click.option("--diffusion-visual-interval", type=int, default=1, show_default=True,
-                     metavar="N", help="Redraw the live view every N-th step."),
-        # legacy masked-diffusion flags
-        *[click.option(flag, dest, default=None, metavar="V",
-                       help=f"Legacy masked-diffusion flag (llama.cpp default {default}); "
-                       "accepted, no effect on canvas models.")
-          for flag, (dest, default) in LEGACY.items()],
+        opt(S, "--diffusion-eb", type=AUTO_ON_OFF, default="auto", show_default=True,
+            help="Entropy-bound decoder (auto = on for canvas models; off is not supported)."),
+        opt(S, "--diffusion-eb-max-steps", type=int, metavar="N",
+            help="Max denoising steps per canvas [GGUF key, else 48; 0 or -1 = that]."),
+        opt(S, "--diffusion-eb-t-max", type=float, metavar="F",
+            help="Temperature of the first step [GGUF key, else 0.8; -1 = that]."),
+        opt(S, "--diffusion-eb-t-min", type=float, metavar="F",
+            help="End point of the temperature schedule [GGUF key, else 0.4; -1 = that]."),
+        opt(S, "--diffusion-eb-entropy-bound", type=float, metavar="F",
+            help="Acceptance bound on summed entropy [GGUF key, else 0.1; -1 = that]."),
+        opt(S, "--diffusion-eb-stability", type=int, metavar="N",
+            help="Steps the argmax must stay unchanged to stop [GGUF key, else 1; -1 = that]."),
+        opt(S, "--diffusion-eb-confidence", type=float, metavar="F",
+            help="Mean-entropy stop threshold [GGUF key, else 0.005; -1 = that]."),
+        opt(S, "--diffusion-kv-cache", type=AUTO_ON_OFF, default="auto", show_default=True,
+            help="Encode the prefix once (on/auto) or re-run it every step (off, ~2x slower)."),
+        # display and output
+        opt(D, "--diffusion-visual", is_flag=True,
+            help="Live canvas view (terminal only): accepted / renoised / settled positions, "
+            "entropy shading, status line."),
+        opt(D, "--diffusion-visual-progress", is_flag=True,
+            help="Add a progress-bar line to the live view."),
+        opt(D, "--diffusion-visual-interval", type=int, default=1, show_default=True,
+            metavar="N", help="Redraw the live view every N-th step."),
+        opt(D, "--json", "json", is_flag=True,
+            help="Print one JSON object per reply (text, thinking, tokens, seed, stats)."),
+        opt(D, "--trace", metavar="FILE.jsonl",
+            help="Write every step (argmax canvas, accepted mask, entropies) as JSON lines."),
+        opt(D, "--force", is_flag=True,
+            help="Let --trace overwrite an existing file (never an input of the run)."),
+        opt(D, "--no-perf/--perf", "no_perf", default=False,
+            help="Leave out (or print, the default) the end-of-turn statistics."),
+        opt(D, "-v", "--verbose", "--log-verbose", "verbose", is_flag=True,
+            help="Tracebacks on errors."),
+        opt(D, "-lv", "--verbosity", "--log-verbosity", "log_verbosity", type=int, metavar="N",
+            help="llama.cpp's log threshold: 4 or more = -v; 2 or less = --log-disable; 3 = "
+            "the default."),
+        opt(D, "--log-disable", is_flag=True,
+            help="Print no log lines or statistics on stderr (errors still are)."),
+        opt(D, "--log-file", metavar="FILE",
+            help="Also append every log line to FILE (never truncated)."),
+        opt(D, "--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+            help="Print the version and exit."),
         # chat and thinking
-        click.option("--think", is_flag=True, help="Enable thinking (off by default)."),
-        click.option("--show-thinking", is_flag=True,
-                     help="Print the thought channel too (hidden by default)."),
-        click.option("--chat-template-kwargs", metavar="JSON",
-                     help="""Extra template variables, e.g. '{"enable_thinking":true}'."""),
-        click.option("--reasoning-budget", type=int, metavar="N",
-                     help="0 = thinking off; -1 or N > 0 = thinking on (N is not enforced)."),
-        click.option("--chat-template-file", metavar="FILE",
-                     help="Use this Jinja chat template instead of the GGUF's."),
-        click.option("--no-chat-template", is_flag=True,
-                     help="Feed the prompt text as is (BOS + text), no chat template."),
-        # images
-        click.option("--mmproj", metavar="FILE",
-                     help="Vision tower (mmproj GGUF) for --image and /image."),
-        click.option("--image", multiple=True, metavar="FILE",
-                     help="Image for the prompt (repeatable); placed at <__media__> markers in "
-                     "the prompt, else before the text."),
-        click.option("--image-max-tokens", type=click.Choice(["70", "140", "280", "560", "1120"]),
-                     default="280", show_default=True, callback=lambda c, p, v: int(v),
-                     help="Soft tokens per image (the Gemma 4 processor's budgets)."),
-        # output
-        click.option("--json", "json", is_flag=True,
-                     help="Print one JSON object per reply (text, thinking, tokens, seed, stats)."),
-        click.option("--trace", metavar="FILE.jsonl",
-                     help="Write every step (argmax canvas, accepted mask, entropies) as JSON lines."),
-        click.option("--force", is_flag=True,
-                     help="Let --trace overwrite an existing file (never an input of the run)."),
-        click.option("--no-perf", is_flag=True, help="Do not print the end-of-turn statistics."),
-        click.option("-s", "--seed", type=int, default=None, callback=_seed,
-                     help="RNG seed [default 4294967295 = 0xFFFFFFFF: deterministic, as llama.cpp; "
-                     "-1 means the same]."),
-        click.option("--verbose", is_flag=True, help="Tracebacks on errors."),
-        # placement and resources
-        click.option("--device", "-dev", "device", default="auto", show_default=True,
-                     help="auto | cpu | cuda | cuda:N | mps (llama.cpp names like CUDA0 work)."),
-        click.option("--dtype", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto",
-                     show_default=True,
-                     help="Activation dtype: auto = bf16 on GPUs and on CPUs with bf16 dot products "
-                     "(AVX512-BF16/AMX), else f32; f32 reproduces transformers' fp32 logits."),
-        click.option("--no-cuda-graphs", is_flag=True,
-                     help="Run every denoising step eagerly instead of replaying a CUDA graph "
-                     "(as DIFFCLI_CUDA_GRAPHS=0)."),
-        click.option("-ngl", "--n-gpu-layers", "--gpu-layers", "n_gpu_layers", type=int, default=-1,
-                     show_default=True,
-                     help="Layers on the GPU, the last ones (-1 = all, 0 = CPU only); a placement "
-                     "that does not fit the free GPU memory stops with a suggestion."),
-        click.option("--n-cpu-moe", type=int, metavar="N",
-                     help="Keep the experts of the first N layers on the CPU."),
-        click.option("-ot", "--override-tensor", multiple=True, metavar="PATTERN=DEV",
-                     help="Put tensors whose GGUF name matches PATTERN (a regex) on DEV "
-                     "(CPU, CUDA0, cuda:N, mps); repeatable, first match wins."),
-        click.option("--no-mmap", is_flag=True, help="Read the weights into memory instead of mapping."),
-        click.option("--mlock", is_flag=True, help="Accepted; no effect."),
-        click.option("--check-tensors", is_flag=True, help="Accepted; tensors are always checked."),
-        click.option("-c", "--ctx-size", type=int, default=0, show_default=True,
-                     help="Max total tokens (prompt + canvases); 0 = the model's context."),
-        click.option("-b", "--batch-size", type=int, default=2048, show_default=True,
-                     help="Accepted (llama.cpp sizing, logged); diffcli has no batch limit."),
-        click.option("-ub", "--ubatch-size", type=int, default=512, show_default=True,
-                     help="Accepted (llama.cpp sizing, logged); diffcli has no micro-batch limit."),
-        click.option("-t", "--threads", type=int, default=-1, show_default=True,
-                     help="CPU threads (-1 = torch's default)."),
-        click.option("-tb", "--threads-batch", type=int, help="Accepted; no effect."),
-        click.option("-fa", "--flash-attn", default="auto", help="Accepted; no effect."),
-        click.option("-ctk", "--cache-type-k", help="Accepted; no effect."),
-        click.option("-ctv", "--cache-type-v", help="Accepted; no effect."),
-        click.option("--temp", type=float, help="Accepted; ignored by the entropy-bound sampler."),
-        click.option("--top-k", type=int, help="Accepted; ignored by the entropy-bound sampler."),
-        click.option("--top-p", type=float, help="Accepted; ignored by the entropy-bound sampler."),
-        click.option("--fit", is_flag=True, help="Accepted; no effect."),
+        opt(C, "-cnv/-no-cnv", "--conversation/--no-conversation", "conversation", default=False,
+            help="Chat mode: '> ' prompt, /help, /clear, /exit; -p is the first turn "
+            "(default: one prompt, as llama-diffusion-cli)."),
+        opt(C, "-sys", "--system-prompt", "system", metavar="PROMPT", help="System prompt."),
+        opt(C, "-sysf", "--system-prompt-file", "system_file", metavar="FILE",
+            help="Read the system prompt from FILE."),
+        opt(C, "--think", is_flag=True, help="Enable thinking (off by default)."),
+        opt(C, "--show-thinking", is_flag=True,
+            help="Print the thought channel too (hidden by default)."),
+        opt(C, "--chat-template-kwargs", metavar="JSON",
+            help="""Extra template variables, e.g. '{"enable_thinking":true}'."""),
+        opt(C, "--reasoning-budget", type=int, metavar="N",
+            help="0 = thinking off (even with --think); -1 or N > 0 = thinking on (N is not "
+            "enforced)."),
+        opt(C, "--chat-template-file", metavar="FILE",
+            help="Use this Jinja chat template instead of the GGUF's."),
+        opt(C, "--no-chat-template", is_flag=True,
+            help="Feed the prompt text as is (BOS + text), no chat template."),
+        # accepted for compatibility
+        compat("--diffusion-gpu-sampling", type=AUTO_ON_OFF, default="auto", show_default=True,
+               help="Accepted; diffcli always keeps canvas logits on the device."),
+        compat("--diffusion-gpu-sample-reduce", type=AUTO_ON_OFF, default="auto",
+               show_default=True, help="Accepted; reductions always run on the device."),
+        *[compat(flag, dest, default=None, metavar="V",
+                 help=f"Legacy masked-diffusion flag (llama.cpp default {default}); "
+                 "accepted, no effect on canvas models.")
+          for flag, (dest, default) in LEGACY.items()],
+        compat("--temp", "--temperature", "temp", type=float, metavar="F", help=f"Accepted; {no_eb}"),
+        compat("--top-k", type=int, metavar="N", help=f"Accepted; {no_eb}"),
+        compat("--top-p", type=float, metavar="F", help=f"Accepted; {no_eb}"),
+        compat("--min-p", type=float, metavar="F", help=f"Accepted; {no_eb}"),
+        compat("--repeat-penalty", type=float, metavar="F", help=f"Accepted; {no_eb}"),
+        compat("-b", "--batch-size", type=int, default=2048, show_default=True, metavar="N",
+               help="Accepted (llama.cpp sizing, logged); diffcli has no batch limit."),
+        compat("-ub", "--ubatch-size", type=int, default=512, show_default=True, metavar="N",
+               help="Accepted (llama.cpp sizing, logged); diffcli has no micro-batch limit."),
+        compat("-tb", "--threads-batch", type=int, metavar="N"),
+        compat("-fa", "--flash-attn", default="auto", metavar="on|off|auto"),
+        compat("-ctk", "--cache-type-k", metavar="TYPE"),
+        compat("-ctv", "--cache-type-v", metavar="TYPE"),
+        compat("--mlock", is_flag=True),
+        compat("--check-tensors", is_flag=True, help="Accepted; tensors are always checked."),
+        compat("-fit", "--fit", type=Switch(), is_flag=False, flag_value="on", default="off",
+               help="Accepted (llama.cpp's memory fitting); diffcli refuses a placement that "
+               "does not fit and names one that does."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
+    for o in reversed(opts):
+        f = o(f)
     return f

@@ -14,12 +14,13 @@ import time
 import click
 
 from .chat import chat_loop
+from .flags import FlagCommand
 from .images import read_images
 from .options import RunOptions, click_options
 from .session import OutputError, Session, open_session, report, run_turn
 
 
-@click.command("run", context_settings={"help_option_names": ["-h", "--help"],
+@click.command("run", cls=FlagCommand, context_settings={"help_option_names": ["-h", "--help"],
                                         "ignore_unknown_options": False})
 @click_options
 def run_cmd(**kwargs) -> None:

@@ -14,13 +14,15 @@ from pathlib import Path
 import click
 
 from ..errors import RuntimeFailure
+from .flags import FlagCommand
 from .options import RunOptions, click_options
 from .session import log
 
 # run's flags that serve does not take (one prompt, terminal output)
-NOT_SERVED = {"prompt", "file", "system", "conversation", "diffusion_visual",
-              "diffusion_visual_progress", "diffusion_visual_interval", "show_thinking", "json",
-              "trace", "image", "force"}
+NOT_SERVED = {"prompt", "file", "system", "system_file", "escape", "conversation",
+              "diffusion_visual", "diffusion_visual_progress", "diffusion_visual_interval",
+              "show_thinking", "json", "trace", "ignore_eos", "image",
+              "force"}
 SERVE_ONLY = ("host", "port", "api_key", "alias", "max_queue")
 
 
@@ -30,7 +32,8 @@ def _run_params() -> list[click.Parameter]:
     return [p for p in reversed(click_options(holder).__click_params__) if p.name not in NOT_SERVED]
 
 
-@click.command("serve", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("serve", cls=FlagCommand, default_group="server",
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface: set --api-key too).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,

@@ -210,17 +210,23 @@ def conversation_thinking(conv) -> bool:
 
 def size_run(opts: RunOptions, C: int, model_ctx: int) -> tuple[int, int]:
     """llama-diffusion-cli's sizing (§C.8): -n > 0 -> ceil(n/C) canvases and the batch/context
-    sizes grown to fit them; otherwise --diffusion-blocks canvases. -c 0 = the model's context."""
+    sizes grown to fit them (a -c raised that way is logged); otherwise --diffusion-blocks
+    canvases. -c 0 = the model's context; a -c beyond it is used, with llama.cpp's warning."""
     if opts.n_predict > 0:
         n = math.ceil(opts.n_predict / C)
         needed = n * C + 2048
         opts.ubatch_size = max(opts.ubatch_size, needed)
         opts.batch_size = max(opts.batch_size, opts.ubatch_size)
-        if opts.ctx_size > 0:
-            opts.ctx_size = max(opts.ctx_size, needed)
+        if 0 < opts.ctx_size < needed:
+            log(f"diffcli: -c {opts.ctx_size} raised to {needed} to fit -n {opts.n_predict} "
+                f"({n} canvas{'es' * (n != 1)} of {C} + 2048, as llama-diffusion-cli does)")
+            opts.ctx_size = needed
     else:
         n = opts.diffusion_blocks
     context = opts.ctx_size if opts.ctx_size > 0 else int(model_ctx)
+    if context > int(model_ctx) > 0:
+        log(f"diffcli: warning: -c {context} is more than the {int(model_ctx)} tokens the model "
+            "was trained on; output past that may degrade")
     return n, context
 
 
@@ -352,7 +358,7 @@ def run_turn(session: Session, prompt_ids: list[int], *, visual: bool,
     t_loop = time.perf_counter()
     events = stream(session.model, prompt_ids, max_new_tokens=n * session.canvas_length,
                     sampler=session.sampler, seed=opts.seed, mode="cli",
-                    kv_cache=session.kv_cache, eog_ids=tok.eog_ids, pad_id=tok.pad_id or 0,
+                    kv_cache=session.kv_cache, eog_ids=opts.eog_ids(tok), pad_id=tok.pad_id or 0,
                     **spans)
     if live is not None:
         live.start()

@@ -50,17 +50,117 @@ def canonical(device: str | torch.device) -> torch.device:
     return device
 
 
-def parse_device(text: str) -> torch.device:
-    """llama.cpp buffer names (CPU, CUDA0) or torch names (cpu, cuda, cuda:1, mps)."""
+_CUDA = re.compile(r"cuda:?(\d*)")
+
+
+def parse_device(text: str, flag: str = "-ot") -> torch.device:
+    """llama.cpp buffer names (CPU, CUDA0) or torch names (cpu, cuda, cuda:1, mps). Only the
+    spelling is checked here (planning works for any device); `check_available` asks the
+    machine."""
     t = text.strip().lower()
     if t in ("cpu", "cuda_host"):
         return torch.device("cpu")
-    m = re.fullmatch(r"cuda:?(\d*)", t)
+    m = _CUDA.fullmatch(t)
     if m:
         return torch.device("cuda", int(m.group(1) or 0))
     if t in ("mps", "metal", "mtl0"):
         return torch.device("mps", 0)
-    raise InputError(f"-ot: unknown device {text!r}", fix="use CPU, CUDA0 (or cuda:N) or mps")
+    names = "auto, cpu, none, CUDA0 (or cuda:N) or mps" if flag == "-dev" else \
+        "CPU, CUDA0 (or cuda:N) or mps"
+    raise InputError(f"{flag}: unknown device {text!r}",
+                     fix=f"use {names}; --list-devices shows this machine's")
+
+
+def cuda_count() -> int:
+    """CUDA devices torch can use here (0 without a CUDA build or driver)."""
+    try:
+        # is_available() implies one device at least (a test double may set only that)
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 0
+    except (RuntimeError, AssertionError):
+        return 0
+
+
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def check_available(device: torch.device, flag: str, text: str | None = None) -> None:
+    """InputError (one line) unless `device` exists on this machine."""
+    shown = text if text is not None else str(device)
+    if device.type == "cuda":
+        n = cuda_count()
+        if n == 0:
+            fix = "put those tensors on CPU" if flag == "-ot" else "use cpu, or leave -dev at auto"
+            raise InputError(f"{flag} {shown}: no CUDA device is available on this machine",
+                             fix=f"{fix}; --list-devices shows the devices")
+        if (device.index or 0) >= n:
+            have = ", ".join(f"CUDA{i}" for i in range(n))
+            raise InputError(f"{flag} {shown}: this machine has {n} CUDA device"
+                             f"{'s' * (n != 1)} ({have})", fix=f"use one of {have}")
+    elif device.type == "mps" and not mps_available():
+        raise InputError(f"{flag} {shown}: MPS is not available on this machine", fix="use cpu")
+
+
+def parse_device_list(text: str, flag: str = "-dev") -> tuple[str, str | None]:
+    """llama.cpp's `-dev dev1,dev2,..` (or one torch name): the device diffcli runs on, as a
+    torch name ("auto", "cpu", "cuda:N", "mps"), and a note when the list named more than
+    one accelerator (diffcli offloads to one). `none` means no offload (the CPU), as in
+    llama.cpp. Unknown names and devices this machine lacks are InputErrors."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise InputError(f"{flag}: no device given", fix="use auto, cpu, none, CUDA0 or mps")
+    if len(parts) == 1 and parts[0].lower() in ("auto", ""):
+        return "auto", None
+    if len(parts) == 1 and parts[0].lower() == "none":
+        return "cpu", None
+    if any(not p or p.lower() in ("auto", "none") for p in parts):
+        raise InputError(f"{flag} {text}: auto and none stand alone, not in a list",
+                         fix="write e.g. -dev CUDA0 or -dev none")
+    named: dict[torch.device, str] = {}
+    for part in parts:
+        dev = parse_device(part, flag)
+        check_available(dev, flag, part)
+        named.setdefault(dev, part)
+    accels = [d for d in named if d.type != "cpu"]
+    if not accels:
+        return "cpu", None
+    first = accels[0]
+    bare = _CUDA.fullmatch(named[first].strip().lower())
+    if first.type == "mps":
+        name = "mps"
+    elif bare and not bare.group(1):
+        name = "cuda"                     # no index given: torch's current device
+    else:
+        name = f"cuda:{first.index or 0}"
+    note = None
+    if len(accels) > 1:
+        note = (f"diffcli: {flag} {text}: diffcli offloads to one device; using {named[first]}")
+    return name, note
+
+
+def check_overrides_available(patterns: Iterable[str]) -> None:
+    """Every -ot device exists here (planning alone accepts any; loading would fail inside torch)."""
+    for item in patterns:
+        for part in str(item).split(","):
+            regex, sep, dev = part.rpartition("=")
+            if sep and regex:
+                check_available(parse_device(dev), "-ot", part)
+
+
+def list_devices() -> list[str]:
+    """llama.cpp's --list-devices lines: every accelerator with its memory."""
+    lines = []
+    for i in range(cuda_count()):
+        try:
+            free, total = torch.cuda.mem_get_info(i)
+            mem = f" ({total >> 20} MiB, {free >> 20} MiB free)"
+        except RuntimeError:
+            mem = ""
+        lines.append(f"  CUDA{i}: {torch.cuda.get_device_name(i)}{mem}")
+    if mps_available():
+        lines.append("  MPS: Apple Metal (memory shared with the CPU)")
+    return lines
 
 
 def parse_overrides(patterns: Iterable[str]) -> list[tuple[re.Pattern, torch.device]]:
