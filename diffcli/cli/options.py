@@ -59,6 +59,19 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def utf8_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; command-line arguments (and stdin under a C locale) turn
+    bytes that are not UTF-8 into lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(text[exc.start])
+        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise InputError(f"{what} is not UTF-8 text ({byte} at character {exc.start})",
+                         fix="pass UTF-8 text (check the terminal's or the file's encoding)") from None
+    return text
+
+
 def process_escapes(text: str) -> str:
     r"""llama.cpp's -e (on by default) on -p: \n \r \t \' \" \\ and \xHH (two hex digits: one
     byte) become what they stand for; any other backslash stays as typed. It works on the UTF-8
@@ -232,7 +245,7 @@ class RunOptions:
         if self.system_file is not None:
             self.system = read_text_file(self.system_file, "-sysf")
         if self.escape and self.prompt is not None and self.prompt != "-":
-            self.prompt = process_escapes(self.prompt)
+            self.prompt = process_escapes(utf8_text(self.prompt, "-p"))
         if self.think and self.reasoning_budget == 0:
             self.notes.append("diffcli: --reasoning-budget 0 turns thinking off; it overrides "
                               "--think")

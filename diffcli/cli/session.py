@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from ..errors import InputError, RuntimeFailure
-from .options import RunOptions
+from .options import RunOptions, utf8_text
 
 
 def log(msg: str) -> None:
@@ -90,19 +90,6 @@ def decode_utf8(data: bytes, what: str) -> str:
                          f"{exc.start})", fix="convert it to UTF-8 (e.g. with iconv)") from None
 
 
-def utf8_text(text: str, what: str) -> str:
-    """`text` if it is valid Unicode; command-line arguments (and stdin under a C locale) turn
-    bytes that are not UTF-8 into lone surrogates, which no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        bad = ord(text[exc.start])
-        byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
-        raise InputError(f"{what} is not UTF-8 text ({byte} at character {exc.start})",
-                         fix="pass UTF-8 text (check the terminal's or the file's encoding)") from None
-    return text
-
-
 def read_template_file(opts: RunOptions) -> str | None:
     """--chat-template-file's text (None without it), as one-line errors."""
     path = opts.chat_template_file
@@ -121,7 +108,8 @@ def check_trace_path(opts: RunOptions) -> None:
     existing file unless --force is given. Checked before anything is loaded."""
     if opts.trace is None:
         return
-    inputs = [("-m", opts.model), ("-f", opts.file), ("--chat-template-file", opts.chat_template_file),
+    inputs = [("-m", opts.model), ("-f", opts.file), ("-sysf", opts.system_file),
+              ("--chat-template-file", opts.chat_template_file),
               ("--mmproj", opts.mmproj), *(("--image", i) for i in opts.image)]
     for flag, path in inputs:
         if path is not None and _same_file(opts.trace, path):
