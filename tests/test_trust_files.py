@@ -294,8 +294,10 @@ HOSTILE = {
                      "{% endfor %}", "loop iterations"),
     "nested loops over lists": ("{% set a = range(100000)|list %}{% for i in a %}{% for j in a %}"
                                 "{% endfor %}{% endfor %}", "loop iterations"),
-    "output": ("{% for i in range(100000) %}{% for j in range(100000) %}0123456789{% endfor %}"
-               "{% endfor %}", "output is longer"),
+    # 1,000 characters an iteration: the output bound (4 Mi characters) is reached after ~4,200
+    # iterations, long before the step bound (250,000) would stop it
+    "output": ("{% for i in range(100000) %}{% for j in range(100000) %}" + "0123456789" * 100
+               + "{% endfor %}{% endfor %}", "output is longer"),
     "include": ("{% include 'other.jinja' %}", "include"),
     "import": ("{% import 'macros.jinja' as m %}", "import"),
     "extends": ("{% extends 'base.jinja' %}", "extends"),
