@@ -4,11 +4,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from diffcli.cli import cli
 
 FAST = ["--diffusion-eb-max-steps", "2", "--no-perf", "--device", "cpu"]   # cpu: same as diffcli.load()
+
+
+@pytest.fixture
+def one_thread():
+    """Puts torch's thread count back after the test. The CLI tests run with -t 1 (ONE): on a
+    shared 2-core machine torch's default pool spends most of a step waiting for busy cores, and
+    the count is process-wide."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def make_model(path: Path, **overrides) -> Path:

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from _cli_fixtures import FAST as _FAST, make_model, run, trace_records
+from _cli_fixtures import FAST as _FAST, make_model, one_thread, run, trace_records
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = [*_FAST, "-t", "1"]       # see one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """-t 1 (ONE): on a shared 2-core machine torch's default pool spends most of a step waiting
-    for busy cores; the thread count is process-wide, so it is put back after each test."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

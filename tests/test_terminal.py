@@ -24,7 +24,9 @@ import pytest
 pyte = pytest.importorskip("pyte")
 
 from diffcli.cli import cli                               # noqa: E402
-from _cli_fixtures import FAST as _FAST, make_model, run, trace_records   # noqa: E402
+from _cli_fixtures import FAST as _FAST, make_model, one_thread, run, trace_records   # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = ["--diffusion-eb-max-steps", "3", "--device", "cpu", "-t", "1"]   # see one_thread
 FAST = [*_FAST, "-t", "1"]
@@ -113,16 +115,6 @@ def run_on_pty(monkeypatch, args, cols: int, rows: int = 24) -> tuple[int, list[
         monkeypatch.undo()
     data = term.close()
     return code, screen_lines(data, cols, rows), data
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """-t 1 (ONE): on a shared 2-core machine torch's default pool spends most of a step waiting
-    for busy cores; the thread count is process-wide, so it is put back after each test."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
