@@ -19,6 +19,7 @@ import click
 
 from ..errors import DiffcliError, InputError
 from .images import read_images
+from .options import not_utf8
 from .session import Session, _isatty, decode_utf8, log, report, run_turn, utf8_text
 
 HELP = """commands:
@@ -72,9 +73,7 @@ class LineReader:
             except EOFError:
                 return None
             except UnicodeDecodeError as exc:
-                raise InputError(f"{what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                                 f"offset {exc.start}); it was not sent",
-                                 fix="type it again in UTF-8") from None
+                raise not_utf8(what, exc, note="; it was not sent", fix="type it again in UTF-8") from None
             return utf8_text(line, what)
         if self.interactive:
             try:

@@ -69,12 +69,17 @@ def runtime_estimate(cfg: ModelConfig, f: GGUFFile, act_bytes: int,
             "total": embed + kv + logits + work}
 
 
+def _problem(exc: DiffcliError) -> str:
+    """A refusal as `problems` lists it: what is wrong; what to do."""
+    return exc.problem + (f"; {exc.fix}" if exc.fix else "")
+
+
 def _check(problems: list[str], fn, *args):
     """fn(*args), or None with its InputError's message added to `problems`."""
     try:
         return fn(*args)
     except DiffcliError as exc:
-        problems.append(exc.problem + (f"; {exc.fix}" if exc.fix else ""))
+        problems.append(_problem(exc))
         return None
 
 
@@ -95,7 +100,6 @@ def runtime_problems(f: GGUFFile, cfg: ModelConfig) -> list[str]:
 
 def describe(f: GGUFFile) -> dict[str, Any]:
     """Everything `inspect` shows, as JSON-ready data."""
-    from ..gguf import quants
     from ..model.weights import RUNNABLE_TYPES, problems as tensor_problems
     tensors = []
     for name in f.tensor_names:
@@ -116,7 +120,7 @@ def describe(f: GGUFFile) -> dict[str, Any]:
             memory["runtime_gpu_bf16"] = runtime_estimate(cfg, f, 2, ctx)
             memory["runtime_context_tokens"] = ctx
             # the tensors `load` reads, checked as `load` checks them (model/weights.py)
-            problems += [e.problem + (f"; {e.fix}" if e.fix else "") for e in tensor_problems(f, cfg)]
+            problems += [_problem(e) for e in tensor_problems(f, cfg)]
         if unsupported and config is None:
             problems.append(f"tensor types without a dequantiser: {', '.join(unsupported)}; "
                             "re-quantize the model to Q4_K_M or Q8_0")

@@ -72,6 +72,12 @@ def utf8_text(text: str, what: str) -> str:
     return text
 
 
+def not_utf8(what: str, exc: UnicodeDecodeError, *, note: str = "", **kw) -> InputError:
+    """The one-line error for bytes that are not UTF-8: which byte, at which offset."""
+    return InputError(f"{what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                      f"{exc.start}){note}", **kw)
+
+
 def process_escapes(text: str) -> str:
     r"""llama.cpp's -e (on by default) on -p: \n \r \t \' \" \\ and \xHH (two hex digits: one
     byte) become what they stand for; any other backslash stays as typed. It works on the UTF-8

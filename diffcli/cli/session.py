@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from ..errors import InputError, RuntimeFailure
-from .options import RunOptions, utf8_text
+from .options import RunOptions, not_utf8, utf8_text
 
 
 def log(msg: str) -> None:
@@ -86,8 +86,7 @@ def decode_utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                         f"{exc.start})", fix="convert it to UTF-8 (e.g. with iconv)") from None
+        raise not_utf8(what, exc, fix="convert it to UTF-8 (e.g. with iconv)") from None
 
 
 def read_template_file(opts: RunOptions) -> str | None:
@@ -96,8 +95,7 @@ def read_template_file(opts: RunOptions) -> str | None:
     try:
         return opts.chat_template_source(None)
     except UnicodeDecodeError as exc:
-        raise InputError(f"the chat template is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
-                         f"offset {exc.start})", path=path, fix="convert it to UTF-8") from None
+        raise not_utf8("the chat template", exc, path=path, fix="convert it to UTF-8") from None
     except OSError as exc:
         raise InputError(f"cannot read the chat template: {exc.strerror}", path=path,
                          fix="check the --chat-template-file path") from None
