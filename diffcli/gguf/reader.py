@@ -80,6 +80,10 @@ def _looks_like_text(b: memoryview) -> bool:
     return True
 
 
+def _bytes(n: int) -> str:
+    return f"{n:,} byte" if n == 1 else f"{n:,} bytes"
+
+
 class _Cursor:
     """Reads header values from the mapped bytes; every read is bounds-checked and every count
     is checked against the bytes left before anything is allocated.
@@ -96,7 +100,7 @@ class _Cursor:
 
     def _need(self, n: int, what: str) -> None:
         if self.pos + n > self.end:
-            raise _Bad(what, self.pos, f"needs {n} bytes, but the file ends {self.left()} bytes "
+            raise _Bad(what, self.pos, f"needs {_bytes(n)}, but the file ends {_bytes(self.left())} "
                        "later", truncated=True)
 
     def u32(self, what: str) -> int:
@@ -116,10 +120,10 @@ class _Cursor:
         if pos + n > self.end:
             tail = self.buf[pos:self.end]
             if n <= 1 << 26 and _looks_like_text(tail):
-                raise _Bad(what, pos - 8, f"needs {n:,} bytes, but the file ends "
-                           f"{self.end - pos:,} bytes later", truncated=True)
-            raise _Bad(what, pos - 8, f"has length {n:,}, but only {self.end - pos:,} bytes are "
-                       "left in the file")
+                raise _Bad(what, pos - 8, f"needs {_bytes(n)}, but the file ends "
+                           f"{_bytes(self.end - pos)} later", truncated=True)
+            raise _Bad(what, pos - 8, f"has length {n:,}, but only {_bytes(self.end - pos)} "
+                       f"{'is' if self.end - pos == 1 else 'are'} left in the file")
 
     def string(self, what: str, limit: int | None = None) -> str:
         n = self.u64(what)
