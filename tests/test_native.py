@@ -9,7 +9,8 @@
 
 The library is built once per module into a temporary folder (cmake + a C++17 compiler), for
 this CPU (-march=native) and, on x86, also as the portable build (scalar fallback) and the AVX2
-build, so every SIMD path that can run here is checked.
+build, so every SIMD path that can run here is checked. On a CPU with AMX the native build runs
+twice: with the AMX tile kernels (its default) and with them switched off (the AVX512-BF16 ones).
 """
 import platform
 import shutil
@@ -32,15 +33,27 @@ QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
 FLOAT_TYPES = ["F32", "F16", "BF16"]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+NO_AMX = "native/no-amx"      # the native build with the AMX kernels switched off
+
+
 def _arches():
     arches = ["native"]
     if platform.machine().lower() in ("x86_64", "amd64"):
+        flags = _cpu_flags()
+        if {"amx_bf16", "amx_tile"} <= flags:
+            arches.append(NO_AMX)                            # AVX512-BF16 kernels on an AMX CPU
         arches.append("")                                    # x86-64 baseline: scalar kernels
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            flags = ""
-        if " avx512f" in flags and " avx2" in flags:
+        if {"avx512f", "avx2"} <= flags:
             arches.append("haswell")                         # AVX2 kernels on an AVX-512 CPU
     return arches
 
@@ -49,13 +62,30 @@ def _arches():
 def lib(request, tmp_path_factory):
     if shutil.which("cmake") is None or shutil.which("c++") is None:
         pytest.skip("cmake or a C++ compiler is missing, so the native library cannot be built")
-    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True, arch=request.param)
+    arch = "native" if request.param == NO_AMX else request.param
+    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True, arch=arch)
     assert native.use_library(path), f"{path} was built but does not load"
     expected = {"": "scalar", "haswell": "avx2"}.get(request.param)
     assert expected is None or native.simd() == expected
+    if request.param == NO_AMX:
+        native.set_amx(False)
+        assert not native.amx()
     yield path
+    native.set_amx(True)
     native.use_library(None)
     set_backend(None)
+
+
+def test_amx_follows_the_cpu(lib):
+    """AMX is used exactly where the CPU has AMX-BF16 (and -march=native saw it), unless switched
+    off; the portable and AVX2 builds never use it. (The kernel must also grant the tile state:
+    Linux >= 5.16 does for any process that asks.)"""
+    has = {"amx_bf16", "amx_tile"} <= _cpu_flags() and native.simd() == "avx512"
+    assert native.amx_available() == has
+    native.set_amx(False)
+    assert not native.amx()
+    native.set_amx(True)
+    assert native.amx() == has
 
 
 @pytest.fixture
@@ -143,6 +173,12 @@ def test_qlinear_dispatches_to_native(native_backend):
     assert torch.equal(yb, native.qmatmul(x.bfloat16(), qt, out_dtype=torch.float32).bfloat16())
 
 
+def _bf16_t(t: torch.Tensor) -> torch.Tensor:
+    """What qmatmul_t multiplies bf16 x by: W rounded to bf16 on the AMX tiles (as transformers'
+    bf16 embedding is), W as decoded (fp32) by the other kernels."""
+    return t.to(torch.bfloat16).double() if native.amx() else t.double()
+
+
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     """What the bf16 kernels multiply: t rounded to bf16 (nearest even), where the library has bf16
     dot products; elsewhere bf16 calls are widened to the fp32 kernels (weights unrounded)."""
@@ -227,15 +263,17 @@ def test_results_do_not_depend_on_threads(lib):
     dn, _ = _weights("Q8_0", (4, 256, 96), rng)
     x = torch.randn(50, 256, generator=gen)
     ids, w = _routing(50, 2, 4, used=4, gen=gen)
+    calls = lambda xx: (native.qmatmul(xx, gu[0]), native.moe(xx, gu, dn, ids, w))   # noqa: E731
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = (native.qmatmul(x, gu[0]), native.moe(x, gu, dn, ids, w))
+        one = calls(x) + calls(x.bfloat16())
         torch.set_num_threads(2)
-        two = (native.qmatmul(x, gu[0]), native.moe(x, gu, dn, ids, w))
+        two = calls(x) + calls(x.bfloat16())
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
 
 
 def test_bad_calls_raise(lib):
@@ -406,22 +444,24 @@ def test_qmatmul_t(lib, qtype, K, T, N):
     """x [T, N] @ W [N, K] from W's blocks: against float64 with W dequantized by gguf-py (fp32
     products and sums: each output a sum of N terms split in 4 ordered parts of 64-row tiles ->
     bounded by (N + 8) eps32 * sum |x| |W|, within the 1e-5 relative slack used for qmatmul here);
-    bf16 x is the same matmul of the bf16 values (widened exactly)."""
+    bf16 x is the same matmul of the bf16 values (widened exactly), times W rounded to bf16 on
+    the AMX tiles."""
     rng = np.random.default_rng(T * N)
     qt, ref = _weights(qtype, (N, K), rng)
     x = torch.from_numpy(rng.standard_normal((T, N)).astype(np.float32))
     for xx in (x, x.bfloat16()):
         y = native.qmatmul_t(xx, qt)
-        exact = xx.double() @ ref
+        exact = xx.double() @ (_bf16_t(ref) if xx.dtype == torch.bfloat16 else ref)
         bound = (N + 8) * 2.0 ** -24 * (xx.double().abs() @ ref.abs()) + 1e-30
         assert y.dtype == torch.float32 and y.shape == (T, K)
         assert ((y.double() - exact).abs() <= bound).all()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.qmatmul_t(x, qt)
+        one = native.qmatmul_t(x, qt), native.qmatmul_t(x.bfloat16(), qt)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, native.qmatmul_t(x, qt))
+    assert torch.equal(one[0], native.qmatmul_t(x, qt))
+    assert torch.equal(one[1], native.qmatmul_t(x.bfloat16(), qt))
     with pytest.raises(ValueError, match="rows"):
         native.qmatmul_t(x[:, :-1], qt)

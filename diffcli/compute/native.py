@@ -20,7 +20,7 @@ import torch
 
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 3   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 4   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -71,6 +71,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_qmatmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr]
     lib.dn_moe.argtypes = [ptr, i64, i64, ptr, i32, ptr, i32, i64, i64, ptr, ptr, i64, ptr]
     lib.dn_has_bf16.restype = i32
+    lib.dn_amx.restype = i32
+    lib.dn_amx_available.restype = i32
+    lib.dn_set_amx.argtypes = [i32]
     lib.dn_sample.argtypes = [ptr, i64, i64, ptr, ptr]
     lib.dn_sample.restype = i32
     f32 = ctypes.c_float
@@ -100,6 +103,8 @@ def use_library(path: str | os.PathLike | None) -> bool:
             return False
         if lib.dn_abi_version() != ABI_VERSION:
             return False
+        if os.environ.get("DIFFCLI_NATIVE_AMX", "1").strip().lower() in ("0", "off", "no", "false"):
+            lib.dn_set_amx(0)
         _lib = lib
     return _lib is not None
 
@@ -131,6 +136,27 @@ def has_bf16() -> bool:
     (AVX512-BF16); without it bf16 calls are widened to the fp32 kernels."""
     lib = _library()
     return lib is not None and bool(lib.dn_has_bf16())
+
+
+def amx() -> bool:
+    """Whether the bf16 matmuls (qmatmul, moe, qmatmul_t) run on Intel AMX tiles: the CPU has
+    AMX-BF16, Linux granted the tile state, and neither `DIFFCLI_NATIVE_AMX=0` nor set_amx(False)
+    switched it off. The same products as the AVX512-BF16 kernels, summed in another order."""
+    lib = _library()
+    return lib is not None and bool(lib.dn_amx())
+
+
+def amx_available() -> bool:
+    """Whether this CPU and OS let the library use AMX at all (whatever set_amx says)."""
+    lib = _library()
+    return lib is not None and bool(lib.dn_amx_available())
+
+
+def set_amx(on: bool) -> None:
+    """Use the AMX kernels where available (True, the default) or the AVX512-BF16 ones."""
+    lib = _library()
+    if lib is not None:
+        lib.dn_set_amx(1 if on else 0)
 
 
 def block_info(qtype: str) -> tuple[int, int]:

@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 3
+#define DN_ABI_VERSION 4
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -65,6 +65,13 @@ DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, 
 // operands (the weights are decoded, then rounded to bf16) accumulated in fp32 (AVX512-BF16);
 // without it x is widened and the fp32 kernels run. K must be even.
 DN_API int dn_has_bf16(void);
+// AMX: dn_amx_available() is 1 when the CPU has AMX-BF16 and Linux granted the tile state;
+// dn_amx() is 1 when the bf16 matmuls (qmatmul, moe, qmatmul_t) run on the tiles, which
+// dn_set_amx(0) switches off (and dn_set_amx(1) back on) for this process. Same products of
+// bf16 operands with fp32 sums as the AVX512-BF16 kernels, summed in another order.
+DN_API int dn_amx_available(void);
+DN_API int dn_amx(void);
+DN_API void dn_set_amx(int on);
 DN_API int dn_qmatmul_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype,
                            int64_t N, float* y);
 DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,

@@ -12,6 +12,8 @@
 // broadcasts read consecutive floats. Partial sums stay in a per-thread [TB][NR] buffer.
 #include "gemm.h"
 
+#include "amx.h"
+
 #include <stdlib.h>
 #include <string.h>
 #if defined(_WIN32)
@@ -324,6 +326,7 @@ int gemm_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qty
     if (block_info(qtype).elems == 0) return DN_E_QTYPE;
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || K % 2 || rb < 0) return DN_E_SHAPE;
+    if (amx_active()) return gemm_bf16_amx(x, T, K, w, rb, qtype, N, y);
 #if DN_BF16
     passes<uint32_t>(T, N, K / 2,
                      [&](int64_t t0, int64_t tb, uint32_t* xp) { pack_x_bf16(x, K, t0, tb, xp); },

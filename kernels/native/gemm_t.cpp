@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "blocks.h"
+#include "amx.h"
 #include "gemm.h"
 
 namespace dn {
@@ -123,5 +124,10 @@ DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, 
 
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
                              int64_t K, float* y) {
+    if (dn::amx_active() && dn::block_info(qtype).elems != 0) {
+        const int64_t rb = dn::row_bytes(qtype, K);
+        if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
+        return dn::gemm_t_bf16_amx(x, T, N, w, rb, qtype, K, y);
+    }
     return dn::gemm_t(x, T, N, w, qtype, K, y);
 }

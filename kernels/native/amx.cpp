@@ -1,0 +1,342 @@
+// The bf16 matmuls on Intel AMX tiles (TDPBF16PS), used by gemm_bf16 (dn_qmatmul_bf16, dn_moe_bf16)
+// and gemm_t_bf16 (dn_qmatmul_t_bf16) when the CPU has AMX-BF16 and Linux lets the process use
+// the tile registers; everywhere else those fall back to the AVX512-BF16 / fp32 kernels.
+//
+// Legend: T activation rows, K in-features, N weight rows, Kp / Tp K and T rounded up to a tile
+// (32 values of K, 16 rows of T), "pair" two bf16 values adjacent along the reduction packed in
+// 32 bits (low half first), the layout TDPBF16PS takes for its second operand.
+//
+// One TDPBF16PS multiplies a 16 x 32 bf16 tile A by a 32 x 16 tile B given as 16 rows of 16 pairs,
+// adding the 16 x 16 fp32 products into a tile C: 8192 multiply-adds in one instruction. There are
+// eight tile registers; both kernels use four accumulators (2 x 2 blocks of 16 x 16), two A and
+// two B tiles, so every loaded tile feeds two products.
+//
+// gemm (y = x W^T): the weight rows are A and the activations are B, so a weight tile is decoded
+// row-major (no transpose) and the activations are packed into pairs once per call:
+//   per weight tile of 32 rows (one task): decode the rows to bf16 [32][Kp] (L2-sized), then for
+//   every two blocks of 16 activation rows: C[32 weight rows][32 rows of x] over all of K in the
+//   tiles, stored once and transposed into y.
+// gemm_t (y = x W, the reduction over W's rows): x rows are A, read in place; W's rows are decoded
+// in pairs into B ([N/2][256] pairs per 256-wide column slice). Work and partial sums as in
+// gemm_t.cpp (tasks of (slice, part), parts added in order), so results do not depend on threads.
+#include "amx.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "blocks.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define DN_AMX 1
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define DN_AMX 0
+#endif
+
+namespace dn {
+
+#if DN_AMX
+namespace {
+
+constexpr int ARCH_REQ_XCOMP_PERM = 0x1023;   // Linux arch_prctl: ask for an XSAVE feature
+constexpr int XFEATURE_XTILEDATA = 18;
+
+// CPUID.(7,0):EDX bit 24 AMX-TILE, bit 22 AMX-BF16; then the kernel's permission for the tile
+// data state (without it the first tile instruction faults). Asked once per process.
+bool probe() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 22) & 1u)) return false;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+std::atomic<int> g_enabled{1};
+
+// The tile palette: eight tiles of 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+void configure_tiles() {
+    TileConfig cfg;
+    for (int i = 0; i < 8; ++i) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+void* aligned(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
+struct Buffer {
+    void* p;
+    explicit Buffer(size_t bytes) : p(aligned(bytes)) {}
+    ~Buffer() { free(p); }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+};
+
+// n fp32 values (n a multiple of 16) -> n bf16 bits, rounded to nearest even.
+inline void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+    for (int64_t k = 0; k < n; k += 16)
+        _mm256_storeu_si256((__m256i*)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
+}
+
+// One weight row, values [0, K), as bf16 into dst[0, Kp) (zeros past K), through fp32 slices.
+void decode_row_bf16(int qtype, const uint8_t* row, int64_t K, int64_t Kp, float* tmp, uint16_t* dst) {
+    constexpr int64_t S = 256;
+    for (int64_t k0 = 0; k0 < K; k0 += S) {
+        const int64_t n = std::min(S, K - k0);
+        dequant_range(qtype, row, k0, n, tmp);
+        for (int64_t j = n; j < (n + 15) / 16 * 16; ++j) tmp[j] = 0.0f;
+        to_bf16(tmp, (n + 15) / 16 * 16, dst + k0);
+    }
+    for (int64_t k = (K + 15) / 16 * 16; k < Kp; ++k) dst[k] = 0;
+}
+
+// x [T][K] bf16 -> xb [Tp/16][Kp/2][16] pairs (zeros outside x).
+void pack_pairs(const uint16_t* x, int64_t T, int64_t K, int64_t Kp, uint32_t* xb) {
+    const int64_t blocks = (T + 15) / 16, K2 = Kp / 2;
+#pragma omp parallel for schedule(static) if (T * K > 65536)
+    for (int64_t b = 0; b < blocks; ++b) {
+        uint32_t* dst = xb + b * K2 * 16;
+        memset(dst, 0, (size_t)(K2 * 16) * 4);
+        for (int64_t c = 0; c < 16 && b * 16 + c < T; ++c) {
+            const uint16_t* src = x + (b * 16 + c) * K;
+            for (int64_t k = 0; k + 1 < K; k += 2) memcpy(dst + (k / 2) * 16 + c, src + k, 4);
+            if (K % 2) dst[(K / 2) * 16 + c] = src[K - 1];
+        }
+    }
+}
+
+// C tiles 0..2NB-1 = A (tiles 4, 5: weight rows 0-15, 16-31 of wa, row stride Kp) times the NB
+// blocks of 16 x rows at xb0 (, xb1) over Kp; then into y (transposed) for the nr weight rows and
+// the tokens t0.. that exist.
+template <int NB>
+void weight_tile(const uint16_t* wa, int64_t Kp, const uint32_t* xb0, const uint32_t* xb1,
+                 int64_t t0, int64_t T, int64_t n0, int nr, int64_t N, float* y) {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (NB == 2) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+    const int64_t stride = Kp * 2;
+    for (int64_t k = 0; k < Kp; k += 32) {
+        _tile_loadd(4, wa + k, stride);
+        _tile_loadd(5, wa + 16 * Kp + k, stride);
+        _tile_loadd(6, xb0 + k / 2 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (NB == 2) {
+            _tile_loadd(7, xb1 + k / 2 * 16, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    alignas(64) float c[4][16][16];   // [tile][weight row][x row]
+    _tile_stored(0, c[0], 64);
+    _tile_stored(2, c[2], 64);
+    if (NB == 2) {
+        _tile_stored(1, c[1], 64);
+        _tile_stored(3, c[3], 64);
+    }
+    for (int b = 0; b < NB; ++b)
+        for (int j = 0; j < 16 && t0 + 16 * b + j < T; ++j) {
+            float* dst = y + (t0 + 16 * b + j) * N + n0;
+            for (int r = 0; r < nr; ++r) dst[r] = c[(r >> 4) * 2 + b][r & 15][j];
+        }
+}
+
+}  // namespace
+
+bool amx_available() {
+    static const bool ok = probe();
+    return ok;
+}
+
+bool amx_active() { return amx_available() && g_enabled.load(std::memory_order_relaxed); }
+
+void amx_enable(bool on) { g_enabled.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+int gemm_bf16_amx(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int64_t rb, int qtype,
+                  int64_t N, float* y) {
+    const int64_t Kp = (K + 31) / 32 * 32, K2 = Kp / 2;
+    const int64_t xblocks = (T + 15) / 16, tiles = (N + 31) / 32;
+    Buffer xb((size_t)(xblocks * K2 * 16) * 4);
+    pack_pairs(x, T, K, Kp, (uint32_t*)xb.p);
+    const uint32_t* xp = (const uint32_t*)xb.p;
+#pragma omp parallel if (tiles > 1)
+    {
+        configure_tiles();
+        Buffer wa((size_t)(32 * Kp) * 2), tmp(256 * 4);
+        uint16_t* rows = (uint16_t*)wa.p;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < tiles; ++i) {
+            const int64_t n0 = i * 32;
+            const int nr = (int)std::min<int64_t>(32, N - n0);
+            for (int r = 0; r < nr; ++r)
+                decode_row_bf16(qtype, w + (n0 + r) * rb, K, Kp, (float*)tmp.p, rows + r * Kp);
+            if (nr < 32) memset(rows + nr * Kp, 0, (size_t)((32 - nr) * Kp) * 2);
+            int64_t b = 0;
+            for (; b + 2 <= xblocks; b += 2)
+                weight_tile<2>(rows, Kp, xp + b * K2 * 16, xp + (b + 1) * K2 * 16, b * 16, T, n0, nr, N, y);
+            if (b < xblocks) weight_tile<1>(rows, Kp, xp + b * K2 * 16, nullptr, b * 16, T, n0, nr, N, y);
+        }
+        _tile_release();
+    }
+    return DN_OK;
+}
+
+namespace {
+
+constexpr int64_t KS = 256;      // output columns per slice (one block of a K-quant)
+constexpr int64_t NC = 256;      // weight rows per chunk (reduction values per C load/store)
+constexpr int64_t PARTS = 4;     // fixed split of N, as in gemm_t.cpp
+
+// Rows [n0, n0 + NC) of W (zeros past n_hi), columns [k0, k0 + ks) -> wv [NC/2][KS] pairs.
+void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n_hi, int64_t k0,
+                  int64_t ks, float* tmp, uint16_t* half, uint32_t* wv) {
+    const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+    for (int64_t i = 0; i < NC / 2; ++i) {
+        for (int h = 0; h < 2; ++h) {
+            const int64_t n = n0 + 2 * i + h;
+            uint16_t* dst = half + h * KS;
+            if (n < n_hi) {
+                dequant_range(qtype, w + n * rb, k0, ks, tmp);
+                for (int64_t j = ks; j < KS; ++j) tmp[j] = 0.0f;
+                to_bf16(tmp, KS, dst);
+            } else {
+                memset(dst, 0, KS * 2);
+            }
+        }
+        uint32_t* out = wv + i * KS;
+        for (int64_t j = 0; j < KS; j += 32) {
+            const __m512i a = _mm512_loadu_si512(half + j), b = _mm512_loadu_si512(half + KS + j);
+            _mm512_storeu_si512(out + j, _mm512_permutex2var_epi16(a, lo_idx, b));
+            _mm512_storeu_si512(out + j + 16, _mm512_permutex2var_epi16(a, hi_idx, b));
+        }
+    }
+}
+
+// acc[16 NB rows][KS] (row stride KS) += A rows (stride `as` bytes, NC values) . wv, for the
+// columns [j, j + 32).
+template <int NB>
+void chunk_tiles(const uint16_t* a0, const uint16_t* a1, int64_t as, const uint32_t* wv, float* acc0,
+                 float* acc1, int64_t j) {
+    _tile_loadd(0, acc0 + j, KS * 4);
+    _tile_loadd(1, acc0 + j + 16, KS * 4);
+    if (NB == 2) {
+        _tile_loadd(2, acc1 + j, KS * 4);
+        _tile_loadd(3, acc1 + j + 16, KS * 4);
+    }
+    for (int64_t n = 0; n < NC; n += 32) {
+        _tile_loadd(4, a0 + n, as);
+        _tile_loadd(6, wv + n / 2 * KS + j, KS * 4);
+        _tile_loadd(7, wv + n / 2 * KS + j + 16, KS * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (NB == 2) {
+            _tile_loadd(5, a1 + n, as);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    _tile_stored(0, acc0 + j, KS * 4);
+    _tile_stored(1, acc0 + j + 16, KS * 4);
+    if (NB == 2) {
+        _tile_stored(2, acc1 + j, KS * 4);
+        _tile_stored(3, acc1 + j + 16, KS * 4);
+    }
+}
+
+}  // namespace
+
+int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int64_t rb, int qtype,
+                    int64_t K, float* y) {
+    const int64_t slices = (K + KS - 1) / KS, tasks = slices * PARTS;
+    const int64_t per_part = (N + PARTS - 1) / PARTS, Tp = (T + 15) / 16 * 16, xblocks = Tp / 16;
+    std::vector<float> part((size_t)(PARTS * T * K));
+#pragma omp parallel if (tasks > 1)
+    {
+        configure_tiles();
+        Buffer acc((size_t)(Tp * KS) * 4), wv((size_t)(NC / 2 * KS) * 4), tmp(KS * 4), half(2 * KS * 2);
+        Buffer xa((size_t)(Tp * NC) * 2);   // x's chunk columns when x cannot be read in place
+        float* A = (float*)acc.p;
+        uint16_t* xc = (uint16_t*)xa.p;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t s = task / PARTS, p = task % PARTS;
+            const int64_t k0 = s * KS, ks = std::min(KS, K - k0);
+            const int64_t n_lo = std::min(N, p * per_part), n_hi = std::min(N, n_lo + per_part);
+            memset(A, 0, (size_t)(Tp * KS) * 4);
+            for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
+                decode_pairs(qtype, w, rb, n0, n_hi, k0, ks, (float*)tmp.p, (uint16_t*)half.p,
+                             (uint32_t*)wv.p);
+                // A tiles straight from x when the chunk and the rows exist; else a zero-padded copy.
+                const bool in_place = n0 + NC <= N && T == Tp;
+                const uint16_t* a = x + n0;
+                int64_t as = N * 2;
+                if (!in_place) {
+                    const int64_t nn = std::min(NC, N - n0);
+                    memset(xc, 0, (size_t)(Tp * NC) * 2);
+                    for (int64_t t = 0; t < T; ++t) memcpy(xc + t * NC, x + t * N + n0, (size_t)nn * 2);
+                    a = xc;
+                    as = NC * 2;
+                }
+                const int64_t arow = as / 2;
+                for (int64_t j = 0; j < KS; j += 32) {
+                    int64_t b = 0;
+                    for (; b + 2 <= xblocks; b += 2)
+                        chunk_tiles<2>(a + b * 16 * arow, a + (b + 1) * 16 * arow, as, (const uint32_t*)wv.p,
+                                       A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
+                    if (b < xblocks)
+                        chunk_tiles<1>(a + b * 16 * arow, nullptr, as, (const uint32_t*)wv.p, A + b * 16 * KS,
+                                       nullptr, j);
+                }
+            }
+            float* dst = part.data() + p * T * K;
+            for (int64_t t = 0; t < T; ++t) memcpy(dst + t * K + k0, A + t * KS, (size_t)ks * 4);
+        }
+        _tile_release();
+    }
+#pragma omp parallel for schedule(static) if (T * K > 65536)
+    for (int64_t i = 0; i < T * K; ++i) {
+        float s = part[(size_t)i];
+        for (int64_t q = 1; q < PARTS; ++q) s += part[(size_t)(q * T * K + i)];
+        y[i] = s;
+    }
+    return DN_OK;
+}
+
+#else   // no AMX in this build
+
+bool amx_available() { return false; }
+bool amx_active() { return false; }
+void amx_enable(bool) {}
+int gemm_bf16_amx(const uint16_t*, int64_t, int64_t, const uint8_t*, int64_t, int, int64_t, float*) {
+    return DN_E_QTYPE;
+}
+int gemm_t_bf16_amx(const uint16_t*, int64_t, int64_t, const uint8_t*, int64_t, int, int64_t, float*) {
+    return DN_E_QTYPE;
+}
+
+#endif
+
+}  // namespace dn
+
+DN_API int dn_amx(void) { return dn::amx_active(); }
+
+DN_API int dn_amx_available(void) { return dn::amx_available(); }
+
+DN_API void dn_set_amx(int on) { dn::amx_enable(on != 0); }
