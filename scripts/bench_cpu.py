@@ -318,7 +318,7 @@ def real_worker(a) -> dict:
             "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
             "prefill_ms": prefill_ms, "prefill_tok_s": a.prompt_len / (prefill_ms / 1e3),
             "load_s": load_s, "rss_after_warmup_mib": rss_warm, "peak_rss_mib": peak_rss_mib(),
-            "simd": native.simd(), "bf16_dot": native.has_bf16(), "threads": torch.get_num_threads(),
+            "simd": native.simd(), "bf16_dot": native.has_bf16(), "amx": native.amx(), "threads": torch.get_num_threads(),
             "fused_head": bool(model.use_fused_head)}
 
 
@@ -405,6 +405,8 @@ def real_main(a) -> int:
         dtype = dtype if variant == "default" else f"{dtype}/{variant}"
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
         env.pop("DIFFCLI_BACKEND", None)
+        if variant == "no-amx":
+            env["DIFFCLI_NATIVE_AMX"] = "0"       # the AVX512-BF16 kernels on an AMX machine
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             results[dtype] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -428,7 +430,7 @@ def real_main(a) -> int:
         if "error" in r:
             print(f"diffcli {dtype}: {r['error']}")
             continue
-        print(f"\ndiffcli {dtype} ({r['simd']}, bf16 dot products: {r['bf16_dot']}, fused vocab head: "
+        print(f"\ndiffcli {dtype} ({r['simd']}, bf16 dot products: {r['bf16_dot']}, AMX: {r.get('amx')}, fused vocab head: "
               f"{r['fused_head']}): {r['ms_median']:.0f} ms/step (min {r['ms_min']:.0f})")
         print(f"  {'stage':<34}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
         for k in STAGES + ("embed_dequant",):
@@ -477,7 +479,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="f32,f32/dense-embedding,bf16,bf16/unfused",
                    help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
                         "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
-                        "unfused: torch vocabulary side with fp32 [C, V] buffers)")
+                        "unfused: torch vocabulary side with fp32 [C, V] buffers; no-amx: DIFFCLI_NATIVE_AMX=0)")
     p.add_argument("--real-shapes", action="store_true",
                    help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
     p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")

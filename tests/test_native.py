@@ -203,6 +203,21 @@ def test_qmatmul_bf16(lib, qtype, K, T):
     assert torch.equal(native.qmatmul(x, qt), y.bfloat16())            # default: x's dtype
 
 
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 512), ("Q6_K", 256), ("Q8_0", 96), ("Q5_0", 160),
+                                     ("F32", 100), ("F16", 48), ("BF16", 64)])
+def test_bf16_kernels_decode_exactly(lib, qtype, K):
+    """One-hot bf16 rows pick single weights out of the product (one nonzero term per sum, so the
+    sum is exact): qmatmul(I, W) = W^T and qmatmul_t(I, W) = W, each weight exactly as the kernel
+    multiplies it: the fp32 decode rounded to bf16 (nearest even), or unrounded where the kernel
+    multiplies in fp32 (see _bf16, _bf16_t). Catches a decoder off by one bf16 ulp anywhere."""
+    N = 37
+    qt, ref = _weights(qtype, (N, K), np.random.default_rng(K))
+    y = native.qmatmul(torch.eye(K).bfloat16(), qt, out_dtype=torch.float32)      # [K, N]
+    assert torch.equal(y.T.double(), _bf16(ref.float()))
+    yt = native.qmatmul_t(torch.eye(N).bfloat16(), qt)                              # [N, K]
+    assert torch.equal(yt.double(), _bf16_t(ref.float()))
+
+
 @pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q6_K", 256), ("Q8_0", "Q5_0", 96)])
 def test_moe_bf16(native_backend, gu_type, dn_type, F):
     """bf16 experts: x and gelu(gate) * up are bf16 operands, every sum fp32. The reference rounds

@@ -29,8 +29,10 @@
 #include <vector>
 
 #include "blocks.h"
+#include "gemm.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__linux__)
 #define DN_AMX 1
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -90,14 +92,128 @@ inline void to_bf16(const float* src, int64_t n, uint16_t* dst) {
         _mm256_storeu_si256((__m256i*)(dst + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
 }
 
-// One weight row, values [0, K), as bf16 into dst[0, Kp) (zeros past K), through fp32 slices.
+// --- block decoders straight to bf16 -------------------------------------------------------------
+// The same fp32 values as blocks.h's dequantizers (the same products and differences, unfused),
+// rounded to bf16 (nearest even) in registers: 16 lanes at a time, no fp32 round trip in memory.
+
+// 16 signed / unsigned bytes -> 16 floats.
+inline __m512 i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+inline __m512 u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+// 32 floats (lo: values 0-15, hi: 16-31) -> 32 bf16 at dst.
+inline void put32(__m512 lo, __m512 hi, uint16_t* dst) {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+inline void q8_0_bf16(const uint8_t* b, uint16_t* y) {
+    const __m512 d = _mm512_set1_ps(f16_to_f32(load_u16(b)));
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 2));
+    put32(_mm512_mul_ps(i8x16(_mm256_castsi256_si128(q)), d),
+          _mm512_mul_ps(i8x16(_mm256_extracti128_si256(q, 1)), d), y);
+}
+
+inline void q5_0_bf16(const uint8_t* b, uint16_t* y) {
+    const __m512 d = _mm512_set1_ps(f16_to_f32(load_u16(b)));
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6)), nib = _mm_set1_epi8(0x0f);
+    // values 0-15: low nibbles, 16-31: high nibbles; bit j of qh adds 16 to value j; minus 16.
+    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), nib), _mm_and_si128(qs, nib));
+    q = _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16));
+    q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
+    put32(_mm512_mul_ps(d, i8x16(_mm256_castsi256_si128(q))),
+          _mm512_mul_ps(d, i8x16(_mm256_extracti128_si256(q, 1))), y);
+}
+
+inline void q4_k_bf16(const uint8_t* b, uint16_t* y) {
+    const float d = f16_to_f32(load_u16(b)), dmin = f16_to_f32(load_u16(b + 2));
+    const uint8_t* s = b + 4;
+    const uint8_t* qs = b + 16;
+    float dl[8], ml[8];
+    for (int i = 0; i < 4; ++i) {
+        dl[i] = d * (float)(s[i] & 63);
+        ml[i] = dmin * (float)(s[i + 4] & 63);
+        dl[i + 4] = d * (float)((s[i + 8] & 15) | ((s[i] >> 6) << 4));
+        ml[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
+    }
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    for (int c = 0; c < 4; ++c, qs += 32, y += 64) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)qs);
+        const __m256i lo = _mm256_and_si256(raw, nib), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+        for (int h = 0; h < 2; ++h) {
+            const __m256i q = h ? hi : lo;
+            const __m512 dv = _mm512_set1_ps(dl[2 * c + h]), mv = _mm512_set1_ps(ml[2 * c + h]);
+            put32(_mm512_sub_ps(_mm512_mul_ps(dv, u8x16(_mm256_castsi256_si128(q))), mv),
+                  _mm512_sub_ps(_mm512_mul_ps(dv, u8x16(_mm256_extracti128_si256(q, 1))), mv), y + 32 * h);
+        }
+    }
+}
+
+inline void q6_k_bf16(const uint8_t* b, uint16_t* y) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = (const int8_t*)(b + 192);
+    const float d = f16_to_f32(load_u16(b + 208));
+    float ds[16];
+    for (int i = 0; i < 16; ++i) ds[i] = d * (float)sc[i];
+    const __m256i nib = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi8(0x30), off = _mm256_set1_epi8(32);
+    for (int h = 0; h < 2; ++h, ql += 64, qh += 32, y += 128) {
+        const __m256i a = _mm256_loadu_si256((const __m256i*)ql);
+        const __m256i c = _mm256_loadu_si256((const __m256i*)(ql + 32));
+        const __m256i hb = _mm256_loadu_si256((const __m256i*)qh);
+        const __m256i q[4] = {
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, nib), _mm256_and_si256(_mm256_slli_epi16(hb, 4), top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, nib), _mm256_and_si256(_mm256_slli_epi16(hb, 2), top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), nib), _mm256_and_si256(hb, top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
+                                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)), off)};
+        const float* dh = ds + 8 * h;
+        for (int g = 0; g < 4; ++g)
+            put32(_mm512_mul_ps(_mm512_set1_ps(dh[2 * g]), i8x16(_mm256_castsi256_si128(q[g]))),
+                  _mm512_mul_ps(_mm512_set1_ps(dh[2 * g + 1]), i8x16(_mm256_extracti128_si256(q[g], 1))),
+                  y + 32 * g);
+    }
+}
+
+// Values [k0, k0 + n) of one weight row as bf16 (k0, n whole blocks for block types; n a multiple
+// of 16 for the float types).
+void decode_bf16(int qtype, const uint8_t* row, int64_t k0, int64_t n, uint16_t* dst) {
+    switch (qtype) {
+        case DN_Q8_0:
+            for (int64_t j = 0; j < n; j += 32) q8_0_bf16(row + (k0 + j) / 32 * 34, dst + j);
+            return;
+        case DN_Q5_0:
+            for (int64_t j = 0; j < n; j += 32) q5_0_bf16(row + (k0 + j) / 32 * 22, dst + j);
+            return;
+        case DN_Q4_K:
+            for (int64_t j = 0; j < n; j += QK_K) q4_k_bf16(row + (k0 + j) / QK_K * 144, dst + j);
+            return;
+        case DN_Q6_K:
+            for (int64_t j = 0; j < n; j += QK_K) q6_k_bf16(row + (k0 + j) / QK_K * 210, dst + j);
+            return;
+        case DN_BF16:
+            memcpy(dst, row + 2 * k0, (size_t)n * 2);
+            return;
+        case DN_F16:
+            for (int64_t j = 0; j < n; j += 16) {
+                const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(row + 2 * (k0 + j))));
+                _mm256_storeu_si256((__m256i*)(dst + j), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+            return;
+        case DN_F32:
+            to_bf16((const float*)(row + 4 * k0), n, dst);
+            return;
+    }
+}
+
+// One weight row, values [0, K), as bf16 into dst[0, Kp) (zeros past K).
 void decode_row_bf16(int qtype, const uint8_t* row, int64_t K, int64_t Kp, float* tmp, uint16_t* dst) {
-    constexpr int64_t S = 256;
-    for (int64_t k0 = 0; k0 < K; k0 += S) {
-        const int64_t n = std::min(S, K - k0);
-        dequant_range(qtype, row, k0, n, tmp);
-        for (int64_t j = n; j < (n + 15) / 16 * 16; ++j) tmp[j] = 0.0f;
-        to_bf16(tmp, (n + 15) / 16 * 16, dst + k0);
+    const int64_t k16 = K / 16 * 16;                  // block types: K itself (blocks are 32 or 256)
+    const unsigned rem = (unsigned)(K % 16);
+    decode_bf16(qtype, row, 0, k16, dst);
+    if (rem) {                                        // a float row's last K % 16 values
+        dequant_range(qtype, row, k16, rem, tmp);
+        for (unsigned j = rem; j < 16; ++j) tmp[j] = 0.0f;
+        to_bf16(tmp, 16, dst + k16);
     }
     for (int64_t k = (K + 15) / 16 * 16; k < Kp; ++k) dst[k] = 0;
 }
@@ -212,10 +328,10 @@ void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n
         for (int h = 0; h < 2; ++h) {
             const int64_t n = n0 + 2 * i + h;
             uint16_t* dst = half + h * KS;
-            if (n < n_hi) {
-                dequant_range(qtype, w + n * rb, k0, ks, tmp);
-                for (int64_t j = ks; j < KS; ++j) tmp[j] = 0.0f;
-                to_bf16(tmp, KS, dst);
+            if (n < n_hi && ks == KS) {
+                decode_bf16(qtype, w + n * rb, k0, KS, dst);
+            } else if (n < n_hi) {                    // the last slice of a row, K % 256 wide
+                decode_row_bf16(qtype, w + n * rb + row_bytes(qtype, k0), ks, KS, tmp, dst);
             } else {
                 memset(dst, 0, KS * 2);
             }
