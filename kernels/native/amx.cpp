@@ -111,40 +111,49 @@ inline void q8_0_bf16(const uint8_t* b, uint16_t* y) {
           _mm512_mul_ps(i8x16(_mm256_extracti128_si256(q, 1)), d), y);
 }
 
+// Q5_0 and Q4_K by table: a sub-block's 32 (Q5_0) or 16 (Q4_K) possible values are computed
+// once, rounded to bf16, and the quants index them (vpermw): a few instructions per 32 weights
+// instead of a convert-multiply-round chain per 16.
+
 inline void q5_0_bf16(const uint8_t* b, uint16_t* y) {
     const __m512 d = _mm512_set1_ps(f16_to_f32(load_u16(b)));
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    // table[q] = d * (q - 16) for q = 0..31, as the scalar d * (float)(q - 16)
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(d, iota),
+                                                        _mm512_mul_ps(d, _mm512_sub_ps(iota, _mm512_set1_ps(16))));
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6)), nib = _mm_set1_epi8(0x0f);
-    // values 0-15: low nibbles, 16-31: high nibbles; bit j of qh adds 16 to value j; minus 16.
+    // q: values 0-15 from the low nibbles, 16-31 from the high ones; bit j of qh adds 16 to value j
     __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), nib), _mm_and_si128(qs, nib));
     q = _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16));
-    q = _mm256_sub_epi8(q, _mm256_set1_epi8(16));
-    put32(_mm512_mul_ps(d, i8x16(_mm256_castsi256_si128(q))),
-          _mm512_mul_ps(d, i8x16(_mm256_extracti128_si256(q, 1))), y);
+    _mm512_storeu_si512(y, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
 }
 
 inline void q4_k_bf16(const uint8_t* b, uint16_t* y) {
     const float d = f16_to_f32(load_u16(b)), dmin = f16_to_f32(load_u16(b + 2));
-    const uint8_t* s = b + 4;
-    const uint8_t* qs = b + 16;
-    float dl[8], ml[8];
-    for (int i = 0; i < 4; ++i) {
-        dl[i] = d * (float)(s[i] & 63);
-        ml[i] = dmin * (float)(s[i + 4] & 63);
-        dl[i + 4] = d * (float)((s[i + 8] & 15) | ((s[i] >> 6) << 4));
-        ml[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
-    }
+    // the eight 6-bit scales and mins as bytes (layout in blocks.h's dequant_q4_k)
+    uint32_t u[3];
+    memcpy(u, b + 4, 12);
+    const uint32_t sc_lo = u[0] & 0x3f3f3f3fu, m_lo = u[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (u[2] & 0x0f0f0f0fu) | (((u[0] >> 6) & 0x03030303u) << 4);
+    const uint32_t m_hi = ((u[2] >> 4) & 0x0f0f0f0fu) | (((u[1] >> 6) & 0x03030303u) << 4);
+    const __m512 sm = _mm512_cvtepi32_ps(
+        _mm512_cvtepu8_epi32(_mm_set_epi32((int)m_hi, (int)m_lo, (int)sc_hi, (int)sc_lo)));
+    // lanes 0-7: d * sc (the scalar dl), 8-15: dmin * m (ml)
+    const __m512 dm = _mm512_mul_ps(_mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(dmin)), sm);
+    const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i nib = _mm256_set1_epi8(0x0f);
-    for (int c = 0; c < 4; ++c, qs += 32, y += 64) {
-        const __m256i raw = _mm256_loadu_si256((const __m256i*)qs);
-        const __m256i lo = _mm256_and_si256(raw, nib), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
-        for (int h = 0; h < 2; ++h) {
-            const __m256i q = h ? hi : lo;
-            const __m512 dv = _mm512_set1_ps(dl[2 * c + h]), mv = _mm512_set1_ps(ml[2 * c + h]);
-            put32(_mm512_sub_ps(_mm512_mul_ps(dv, u8x16(_mm256_castsi256_si128(q))), mv),
-                  _mm512_sub_ps(_mm512_mul_ps(dv, u8x16(_mm256_extracti128_si256(q, 1))), mv), y + 32 * h);
-        }
+    const uint8_t* qs = b + 16;
+    for (int j = 0; j < 8; ++j, y += 32) {
+        const __m512 dl = _mm512_permutexvar_ps(_mm512_set1_epi32(j), dm);
+        const __m512 ml = _mm512_permutexvar_ps(_mm512_set1_epi32(8 + j), dm);
+        // table[q] = dl * q - ml for q = 0..15 (product and difference rounded separately)
+        const __m512i table =
+            _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_mul_ps(dl, iota), ml)));
+        const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * (j / 2)));
+        const __m256i q = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib) : _mm256_and_si256(raw, nib);
+        _mm512_storeu_si512(y, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
     }
 }
 
@@ -205,17 +214,18 @@ void decode_bf16(int qtype, const uint8_t* row, int64_t k0, int64_t n, uint16_t*
     }
 }
 
-// One weight row, values [0, K), as bf16 into dst[0, Kp) (zeros past K).
-void decode_row_bf16(int qtype, const uint8_t* row, int64_t K, int64_t Kp, float* tmp, uint16_t* dst) {
-    const int64_t k16 = K / 16 * 16;                  // block types: K itself (blocks are 32 or 256)
-    const unsigned rem = (unsigned)(K % 16);
-    decode_bf16(qtype, row, 0, k16, dst);
-    if (rem) {                                        // a float row's last K % 16 values
-        dequant_range(qtype, row, k16, rem, tmp);
-        for (unsigned j = rem; j < 16; ++j) tmp[j] = 0.0f;
-        to_bf16(tmp, 16, dst + k16);
+// Values [k0, k0 + n) of one row as bf16 at dst, zeros from n up to `width` (n > 0; k0 a whole
+// number of blocks).
+void decode_span(int qtype, const uint8_t* row, int64_t k0, int64_t n, int64_t width, uint16_t* dst) {
+    const int64_t n16 = n / 16 * 16;                  // block types: n itself (blocks are 32 or 256)
+    const unsigned rem = (unsigned)(n % 16);
+    decode_bf16(qtype, row, k0, n16, dst);
+    if (rem) {                                        // a float row's last n % 16 values
+        alignas(64) float tmp[16] = {};
+        dequant_range(qtype, row, k0 + n16, rem, tmp);
+        to_bf16(tmp, 16, dst + n16);
     }
-    for (int64_t k = (K + 15) / 16 * 16; k < Kp; ++k) dst[k] = 0;
+    for (int64_t k = (n + 15) / 16 * 16; k < width; ++k) dst[k] = 0;
 }
 
 // x [T][K] bf16 -> xb [Tp/16][Kp/2][16] pairs (zeros outside x).
@@ -233,22 +243,14 @@ void pack_pairs(const uint16_t* x, int64_t T, int64_t K, int64_t Kp, uint32_t* x
     }
 }
 
-// C tiles 0..2NB-1 = A (tiles 4, 5: weight rows 0-15, 16-31 of wa, row stride Kp) times the NB
-// blocks of 16 x rows at xb0 (, xb1) over Kp; then into y (transposed) for the nr weight rows and
-// the tokens t0.. that exist.
+// C tiles 0, 2 (and 1, 3 for NB = 2) += A (tiles 4, 5: weight rows 0-15 and 16-31 of wa, row
+// stride `ws` values) . B (tiles 6, 7: the blocks of 16 x rows at xb0, xb1), over K values
+// [0, kl) of wa and the matching pairs of xb.
 template <int NB>
-void weight_tile(const uint16_t* wa, int64_t Kp, const uint32_t* xb0, const uint32_t* xb1,
-                 int64_t t0, int64_t T, int64_t n0, int nr, int64_t N, float* y) {
-    _tile_zero(0);
-    _tile_zero(2);
-    if (NB == 2) {
-        _tile_zero(1);
-        _tile_zero(3);
-    }
-    const int64_t stride = Kp * 2;
-    for (int64_t k = 0; k < Kp; k += 32) {
-        _tile_loadd(4, wa + k, stride);
-        _tile_loadd(5, wa + 16 * Kp + k, stride);
+void accumulate(const uint16_t* wa, int64_t ws, int64_t kl, const uint32_t* xb0, const uint32_t* xb1) {
+    for (int64_t k = 0; k < kl; k += 32) {
+        _tile_loadd(4, wa + k, ws * 2);
+        _tile_loadd(5, wa + 16 * ws + k, ws * 2);
         _tile_loadd(6, xb0 + k / 2 * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
@@ -258,6 +260,21 @@ void weight_tile(const uint16_t* wa, int64_t Kp, const uint32_t* xb0, const uint
             _tile_dpbf16ps(3, 5, 7);
         }
     }
+}
+
+template <int NB>
+void zero_acc() {
+    _tile_zero(0);
+    _tile_zero(2);
+    if (NB == 2) {
+        _tile_zero(1);
+        _tile_zero(3);
+    }
+}
+
+// The sums of the weight tile's nr rows at n0 for the NB blocks of x rows from t0 -> y (transposed).
+template <int NB>
+void store_acc(int64_t t0, int64_t T, int64_t n0, int nr, int64_t N, float* y) {
     alignas(64) float c[4][16][16];   // [tile][weight row][x row]
     _tile_stored(0, c[0], 64);
     _tile_stored(2, c[2], 64);
@@ -293,19 +310,26 @@ int gemm_bf16_amx(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int
 #pragma omp parallel if (tiles > 1)
     {
         configure_tiles();
-        Buffer wa((size_t)(32 * Kp) * 2), tmp(256 * 4);
+        Buffer wa((size_t)(32 * Kp) * 2);
         uint16_t* rows = (uint16_t*)wa.p;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < tiles; ++i) {
             const int64_t n0 = i * 32;
             const int nr = (int)std::min<int64_t>(32, N - n0);
-            for (int r = 0; r < nr; ++r)
-                decode_row_bf16(qtype, w + (n0 + r) * rb, K, Kp, (float*)tmp.p, rows + r * Kp);
+            // the tile's rows decoded once (L2-sized), then multiplied into every block of x rows
+            for (int r = 0; r < nr; ++r) decode_span(qtype, w + (n0 + r) * rb, 0, K, Kp, rows + r * Kp);
             if (nr < 32) memset(rows + nr * Kp, 0, (size_t)((32 - nr) * Kp) * 2);
             int64_t b = 0;
-            for (; b + 2 <= xblocks; b += 2)
-                weight_tile<2>(rows, Kp, xp + b * K2 * 16, xp + (b + 1) * K2 * 16, b * 16, T, n0, nr, N, y);
-            if (b < xblocks) weight_tile<1>(rows, Kp, xp + b * K2 * 16, nullptr, b * 16, T, n0, nr, N, y);
+            for (; b + 2 <= xblocks; b += 2) {
+                zero_acc<2>();
+                accumulate<2>(rows, Kp, Kp, xp + b * K2 * 16, xp + (b + 1) * K2 * 16);
+                store_acc<2>(b * 16, T, n0, nr, N, y);
+            }
+            if (b < xblocks) {
+                zero_acc<1>();
+                accumulate<1>(rows, Kp, Kp, xp + b * K2 * 16, nullptr);
+                store_acc<1>(b * 16, T, n0, nr, N, y);
+            }
         }
         _tile_release();
     }
@@ -320,7 +344,7 @@ constexpr int64_t PARTS = 4;     // fixed split of N, as in gemm_t.cpp
 
 // Rows [n0, n0 + NC) of W (zeros past n_hi), columns [k0, k0 + ks) -> wv [NC/2][KS] pairs.
 void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n_hi, int64_t k0,
-                  int64_t ks, float* tmp, uint16_t* half, uint32_t* wv) {
+                  int64_t ks, uint16_t* half, uint32_t* wv) {
     const __m512i lo_idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                             39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
@@ -328,10 +352,8 @@ void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n
         for (int h = 0; h < 2; ++h) {
             const int64_t n = n0 + 2 * i + h;
             uint16_t* dst = half + h * KS;
-            if (n < n_hi && ks == KS) {
-                decode_bf16(qtype, w + n * rb, k0, KS, dst);
-            } else if (n < n_hi) {                    // the last slice of a row, K % 256 wide
-                decode_row_bf16(qtype, w + n * rb + row_bytes(qtype, k0), ks, KS, tmp, dst);
+            if (n < n_hi) {
+                decode_span(qtype, w + n * rb, k0, ks, KS, dst);
             } else {
                 memset(dst, 0, KS * 2);
             }
@@ -386,7 +408,7 @@ int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, i
 #pragma omp parallel if (tasks > 1)
     {
         configure_tiles();
-        Buffer acc((size_t)(Tp * KS) * 4), wv((size_t)(NC / 2 * KS) * 4), tmp(KS * 4), half(2 * KS * 2);
+        Buffer acc((size_t)(Tp * KS) * 4), wv((size_t)(NC / 2 * KS) * 4), half(2 * KS * 2);
         Buffer xa((size_t)(Tp * NC) * 2);   // x's chunk columns when x cannot be read in place
         float* A = (float*)acc.p;
         uint16_t* xc = (uint16_t*)xa.p;
@@ -397,7 +419,7 @@ int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, i
             const int64_t n_lo = std::min(N, p * per_part), n_hi = std::min(N, n_lo + per_part);
             memset(A, 0, (size_t)(Tp * KS) * 4);
             for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
-                decode_pairs(qtype, w, rb, n0, n_hi, k0, ks, (float*)tmp.p, (uint16_t*)half.p,
+                decode_pairs(qtype, w, rb, n0, n_hi, k0, ks, (uint16_t*)half.p,
                              (uint32_t*)wv.p);
                 // A tiles straight from x when the chunk and the rows exist; else a zero-padded copy.
                 const bool in_place = n0 + NC <= N && T == Tp;
