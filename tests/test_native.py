@@ -187,7 +187,7 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q6_K", 512), ("Q8_0", 288), ("Q5_0", 96),
                                      ("F32", 100), ("F16", 272), ("BF16", 64)])
-@pytest.mark.parametrize("T", [1, 13, 256])
+@pytest.mark.parametrize("T", [1, 13, 37, 256])
 def test_qmatmul_bf16(lib, qtype, K, T):
     """bf16 activations: the same products as a float64 matmul of the bf16-rounded operands, up to
     fp32 accumulation (checked on the fp32 output, before any rounding of the result)."""
