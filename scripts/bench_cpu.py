@@ -353,9 +353,12 @@ def run_peer(cmd: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - t
     err = proc.stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
+    lines = err.decode(errors="replace").strip().splitlines()
     if proc.returncode != 0:
-        tail = err.decode(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {' | '.join(tail)}")
+        raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}: {' | '.join(lines[-3:])}")
+    errors = [ln for ln in lines if " E " in ln[:24]]      # its log marks errors "<time> E ..."
+    if errors:                                            # exit code 0, nothing generated
+        raise RuntimeError(f"{cmd[0]} reported: {errors[-1].split(' E ', 1)[1].strip()}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -370,7 +373,9 @@ def llama_peer(a, path: Path, log) -> dict:
     def cmd(prompt, steps):
         return [a.llama_cli, "-m", str(path), "-p", prompt, "-n", "256", "-t", str(a.threads),
                 "--diffusion-eb-max-steps", str(steps), "--diffusion-eb-confidence", "0",
-                "-s", "0", "-c", str(a.prompt_len + 1024)]
+                "-s", "0", "-c", str(a.prompt_len + 1024),
+                # it needs [prompt | canvas] in one micro-batch (else it stops with an error)
+                "-b", str(a.prompt_len + 1024), "-ub", str(a.prompt_len + 1024)]
 
     lo, hi = 2, 2 + a.steps
     log(f"llama-diffusion-cli: {lo} steps, short prompt ...")

@@ -82,10 +82,14 @@ def test_amx_follows_the_cpu(lib):
     Linux >= 5.16 does for any process that asks.)"""
     has = {"amx_bf16", "amx_tile"} <= _cpu_flags() and native.simd() == "avx512"
     assert native.amx_available() == has
-    native.set_amx(False)
-    assert not native.amx()
-    native.set_amx(True)
-    assert native.amx() == has
+    before = native.amx()
+    try:
+        native.set_amx(False)
+        assert not native.amx()
+        native.set_amx(True)
+        assert native.amx() == has
+    finally:
+        native.set_amx(before)                  # the no-amx build keeps it off for the tests after
 
 
 @pytest.fixture
@@ -114,6 +118,23 @@ def _weights(qtype, shape, rng, scale=0.05):
         raw = random_blocks(qtype, shape, rng, scale=scale)
         ref = reference(raw, qtype, shape)
     return QTensor(torch.from_numpy(raw), qtype, tuple(shape), qtype), ref.double()
+
+
+def test_load_line_names_the_cpu_kernels(native_backend):
+    """The CLI's load line says which kernels multiply on the CPU (backend.cpu_kernels)."""
+    from diffcli.compute import backend
+    said = backend.cpu_kernels()
+    assert said.startswith(f"native {native.simd()}")
+    assert said.endswith(" + AMX") == native.amx()
+    before = native.amx()
+    native.set_amx(False)
+    try:
+        assert "AMX" not in backend.cpu_kernels()
+        assert backend.cpu_kernels().endswith(" bf16") == native.has_bf16()
+    finally:
+        native.set_amx(before)
+    set_backend("torch")
+    assert backend.cpu_kernels() == "torch"
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES + FLOAT_TYPES)
@@ -480,3 +501,10 @@ def test_qmatmul_t(lib, qtype, K, T, N):
     assert torch.equal(one[1], native.qmatmul_t(x.bfloat16(), qt))
     with pytest.raises(ValueError, match="rows"):
         native.qmatmul_t(x[:, :-1], qt)
+
+
+def test_no_amx_build_stayed_off(lib, request):
+    """Each group ran the kernels it names, to its last test: the native/no-amx group the
+    AVX512-BF16 ones (no test turned AMX back on), the others AMX wherever it is available."""
+    off = request.node.callspec.params["lib"] == NO_AMX
+    assert native.amx() == (native.amx_available() and not off)

@@ -16,9 +16,10 @@
 //   per weight tile of 32 rows (one task): decode the rows to bf16 [32][Kp] (L2-sized), then for
 //   every two blocks of 16 activation rows: C[32 weight rows][32 rows of x] over all of K in the
 //   tiles, stored once and transposed into y.
-// gemm_t (y = x W, the reduction over W's rows): x rows are A, read in place; W's rows are decoded
-// in pairs into B ([N/2][256] pairs per 256-wide column slice). Work and partial sums as in
-// gemm_t.cpp (tasks of (slice, part), parts added in order), so results do not depend on threads.
+// gemm_t (y = x W, the reduction over W's rows): x rows are A, copied a chunk of 256 columns at a
+// time; W's rows are decoded in pairs into B ([128][256] pairs per chunk and 256-wide column
+// slice). Partial sums as in gemm_t.cpp (a fixed split of N in parts, added in order), so results
+// do not depend on threads.
 #include "amx.h"
 
 #include <stdlib.h>
@@ -341,6 +342,7 @@ namespace {
 constexpr int64_t KS = 256;      // output columns per slice (one block of a K-quant)
 constexpr int64_t NC = 256;      // weight rows per chunk (reduction values per C load/store)
 constexpr int64_t PARTS = 4;     // fixed split of N, as in gemm_t.cpp
+constexpr int64_t GS = 3;        // slices per task (they share one copy of the x chunk)
 
 // Rows [n0, n0 + NC) of W (zeros past n_hi), columns [k0, k0 + ks) -> wv [NC/2][KS] pairs.
 void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n_hi, int64_t k0,
@@ -402,49 +404,49 @@ void chunk_tiles(const uint16_t* a0, const uint16_t* a1, int64_t as, const uint3
 
 int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int64_t rb, int qtype,
                     int64_t K, float* y) {
-    const int64_t slices = (K + KS - 1) / KS, tasks = slices * PARTS;
+    // A task is (group of GS slices, part): its x chunk is copied once (x is [T][N], 134 MB at
+    // the real vocabulary, so reading it once per group instead of once per slice is what keeps
+    // this off the memory bus) and multiplied by each slice of the group.
+    const int64_t slices = (K + KS - 1) / KS, groups = (slices + GS - 1) / GS, tasks = groups * PARTS;
     const int64_t per_part = (N + PARTS - 1) / PARTS, Tp = (T + 15) / 16 * 16, xblocks = Tp / 16;
     std::vector<float> part((size_t)(PARTS * T * K));
 #pragma omp parallel if (tasks > 1)
     {
         configure_tiles();
-        Buffer acc((size_t)(Tp * KS) * 4), wv((size_t)(NC / 2 * KS) * 4), half(2 * KS * 2);
-        Buffer xa((size_t)(Tp * NC) * 2);   // x's chunk columns when x cannot be read in place
-        float* A = (float*)acc.p;
+        Buffer acc((size_t)(GS * Tp * KS) * 4), wv((size_t)(NC / 2 * KS) * 4), half(2 * KS * 2);
+        Buffer xa((size_t)(Tp * NC) * 2);   // the chunk's columns of x, [Tp][NC], zero-padded
         uint16_t* xc = (uint16_t*)xa.p;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; ++task) {
-            const int64_t s = task / PARTS, p = task % PARTS;
-            const int64_t k0 = s * KS, ks = std::min(KS, K - k0);
+            const int64_t g = task / PARTS, p = task % PARTS;
+            const int64_t s_lo = g * GS, s_hi = std::min(slices, s_lo + GS);
             const int64_t n_lo = std::min(N, p * per_part), n_hi = std::min(N, n_lo + per_part);
-            memset(A, 0, (size_t)(Tp * KS) * 4);
+            memset(acc.p, 0, (size_t)(GS * Tp * KS) * 4);
             for (int64_t n0 = n_lo; n0 < n_hi; n0 += NC) {
-                decode_pairs(qtype, w, rb, n0, n_hi, k0, ks, (uint16_t*)half.p,
-                             (uint32_t*)wv.p);
-                // A tiles straight from x when the chunk and the rows exist; else a zero-padded copy.
-                const bool in_place = n0 + NC <= N && T == Tp;
-                const uint16_t* a = x + n0;
-                int64_t as = N * 2;
-                if (!in_place) {
-                    const int64_t nn = std::min(NC, N - n0);
-                    memset(xc, 0, (size_t)(Tp * NC) * 2);
-                    for (int64_t t = 0; t < T; ++t) memcpy(xc + t * NC, x + t * N + n0, (size_t)nn * 2);
-                    a = xc;
-                    as = NC * 2;
-                }
-                const int64_t arow = as / 2;
-                for (int64_t j = 0; j < KS; j += 32) {
-                    int64_t b = 0;
-                    for (; b + 2 <= xblocks; b += 2)
-                        chunk_tiles<2>(a + b * 16 * arow, a + (b + 1) * 16 * arow, as, (const uint32_t*)wv.p,
-                                       A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
-                    if (b < xblocks)
-                        chunk_tiles<1>(a + b * 16 * arow, nullptr, as, (const uint32_t*)wv.p, A + b * 16 * KS,
-                                       nullptr, j);
+                const int64_t nn = std::min(NC, n_hi - n0);
+                if (nn < NC || T < Tp) memset(xc, 0, (size_t)(Tp * NC) * 2);
+                for (int64_t t = 0; t < T; ++t) memcpy(xc + t * NC, x + t * N + n0, (size_t)nn * 2);
+                for (int64_t s = s_lo; s < s_hi; ++s) {
+                    const int64_t k0 = s * KS, ks = std::min(KS, K - k0);
+                    decode_pairs(qtype, w, rb, n0, n_hi, k0, ks, (uint16_t*)half.p, (uint32_t*)wv.p);
+                    float* A = (float*)acc.p + (s - s_lo) * Tp * KS;
+                    for (int64_t j = 0; j < KS; j += 32) {
+                        int64_t b = 0;
+                        for (; b + 2 <= xblocks; b += 2)
+                            chunk_tiles<2>(xc + b * 16 * NC, xc + (b + 1) * 16 * NC, NC * 2, (const uint32_t*)wv.p,
+                                           A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
+                        if (b < xblocks)
+                            chunk_tiles<1>(xc + b * 16 * NC, nullptr, NC * 2, (const uint32_t*)wv.p,
+                                           A + b * 16 * KS, nullptr, j);
+                    }
                 }
             }
             float* dst = part.data() + p * T * K;
-            for (int64_t t = 0; t < T; ++t) memcpy(dst + t * K + k0, A + t * KS, (size_t)ks * 4);
+            for (int64_t s = s_lo; s < s_hi; ++s) {
+                const int64_t k0 = s * KS, ks = std::min(KS, K - k0);
+                const float* A = (const float*)acc.p + (s - s_lo) * Tp * KS;
+                for (int64_t t = 0; t < T; ++t) memcpy(dst + t * K + k0, A + t * KS, (size_t)ks * 4);
+            }
         }
         _tile_release();
     }
