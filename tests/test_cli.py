@@ -55,6 +55,8 @@ def test_one_shot_matches_library(model_path, tok, tmp_path):
     res = run(["-m", model_path, "-p", "Why is the sky blue?", "-n", "32", "-s", "7", *FAST,
                "--json"])
     assert res.exit_code == 0, res.stderr
+    # the load line names what multiplies on the CPU (compute.backend.cpu_kernels)
+    assert re.search(r" on cpu \((float32|bfloat16), (torch|native \w+( \+ AMX| bf16)?) kernels\)", res.stderr)
     out = json.loads(res.stdout)                       # stdout is exactly one JSON object
     model = diffcli.load(model_path)
     ids = _prompt_ids(tok, "Why is the sky blue?")

@@ -163,9 +163,8 @@ def open_session(opts: RunOptions) -> Session:
                        mmap=not opts.no_mmap, threads=opts.threads,
                        cuda_graphs=not opts.no_cuda_graphs, log=log)
     dtype = str(model.dtype).removeprefix("torch.")
-    if device.type == "cpu":
-        from ..compute.backend import cpu_kernels
-        dtype += f", {cpu_kernels()} kernels"
+    if device == "cpu":
+        dtype += f", {model.cpu_kernels} kernels"
     if model.step_graph is not None:
         dtype += ", CUDA graphs"
     log(f"diffcli: loaded {opts.model} ({cfg.n_layer} layers, vocab {len(tokenizer)}) on {device} "

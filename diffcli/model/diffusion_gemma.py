@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compute import graphs, ops
-from ..compute.backend import (DTYPES, _triton_available, backend_for, default_dtype,
+from ..compute.backend import (DTYPES, _triton_available, backend_for, cpu_kernels, default_dtype,
                                keep_freed_memory, triton_interpret)
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
@@ -300,6 +300,11 @@ class DiffusionGemma:
         """`denoise_fused` with the prefix re-encoded (as `denoise_uncached`)."""
         return self.denoise_fused(self.encode(prefix_ids, images), canvas_ids, temperature,
                                   sc_soft, **kw)
+
+    @property
+    def cpu_kernels(self) -> str:
+        """What multiplies the CPU-resident weights, for the load line (backend.cpu_kernels)."""
+        return cpu_kernels()
 
     @property
     def use_fused_head(self) -> bool:

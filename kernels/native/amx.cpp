@@ -450,12 +450,7 @@ int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, i
         }
         _tile_release();
     }
-#pragma omp parallel for schedule(static) if (T * K > 65536)
-    for (int64_t i = 0; i < T * K; ++i) {
-        float s = part[(size_t)i];
-        for (int64_t q = 1; q < PARTS; ++q) s += part[(size_t)(q * T * K + i)];
-        y[i] = s;
-    }
+    add_parts(part.data(), PARTS, T * K, y);
     return DN_OK;
 }
 

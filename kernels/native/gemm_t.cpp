@@ -105,16 +105,21 @@ int gemm_t(const X* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_
             for (int64_t t = 0; t < T; ++t) memcpy(dst + t * K + k0, acc.data() + t * KS, (size_t)ks * 4);
         }
     }
-#pragma omp parallel for schedule(static) if (T * K > 65536)
-    for (int64_t i = 0; i < T * K; ++i) {
-        float s = part[(size_t)i];
-        for (int64_t p = 1; p < PARTS; ++p) s += part[(size_t)(p * T * K + i)];
-        y[i] = s;
-    }
+    add_parts(part.data(), PARTS, T * K, y);
     return DN_OK;
 }
 
 }  // namespace
+
+void add_parts(const float* part, int64_t parts, int64_t n, float* y) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        float s = part[i];
+        for (int64_t p = 1; p < parts; ++p) s += part[p * n + i];
+        y[i] = s;
+    }
+}
+
 }  // namespace dn
 
 DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K,
