@@ -17,7 +17,8 @@ import torch
 
 import diffcli
 from diffcli.cli import options as options_mod
-from diffcli.cli.options import CPU_MOE_RULE, RunOptions, process_escapes
+from diffcli.cli.options import CPU_MOE_RULE, RunOptions
+from diffcli.cli.text_input import process_escapes
 from diffcli.cli.run import run_cmd
 from diffcli.errors import InputError
 from diffcli.model import placement

@@ -19,7 +19,7 @@ import click
 
 from ..errors import DiffcliError, InputError
 from .images import read_images
-from .options import not_utf8
+from .text_input import not_utf8
 from .session import Session, _isatty, decode_utf8, log, report, run_turn, utf8_text
 
 HELP = """commands:

@@ -20,7 +20,8 @@ from typing import Any
 import click
 
 from ..errors import InputError, RuntimeFailure
-from .options import RunOptions, not_utf8, utf8_text
+from .options import RunOptions
+from .text_input import not_utf8, utf8_text
 
 
 def log(msg: str) -> None:
