@@ -97,9 +97,8 @@ inline void to_bf16(const float* src, int64_t n, uint16_t* dst) {
 // The same fp32 values as blocks.h's dequantizers (the same products and differences, unfused),
 // rounded to bf16 (nearest even) in registers: 16 lanes at a time, no fp32 round trip in memory.
 
-// 16 signed / unsigned bytes -> 16 floats.
+// 16 signed bytes -> 16 floats.
 inline __m512 i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
-inline __m512 u8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 // 32 floats (lo: values 0-15, hi: 16-31) -> 32 bf16 at dst.
 inline void put32(__m512 lo, __m512 hi, uint16_t* dst) {
     _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
@@ -244,14 +243,13 @@ void pack_pairs(const uint16_t* x, int64_t T, int64_t K, int64_t Kp, uint32_t* x
     }
 }
 
-// C tiles 0, 2 (and 1, 3 for NB = 2) += A (tiles 4, 5: weight rows 0-15 and 16-31 of wa, row
-// stride `ws` values) . B (tiles 6, 7: the blocks of 16 x rows at xb0, xb1), over K values
-// [0, kl) of wa and the matching pairs of xb.
+// C tiles 0, 2 (and 1, 3 for NB = 2) += A (tiles 4, 5: weight rows 0-15 and 16-31 of wa [32][Kp])
+// . B (tiles 6, 7: the blocks of 16 x rows at xb0, xb1), over all of Kp.
 template <int NB>
-void accumulate(const uint16_t* wa, int64_t ws, int64_t kl, const uint32_t* xb0, const uint32_t* xb1) {
-    for (int64_t k = 0; k < kl; k += 32) {
-        _tile_loadd(4, wa + k, ws * 2);
-        _tile_loadd(5, wa + 16 * ws + k, ws * 2);
+void accumulate(const uint16_t* wa, int64_t Kp, const uint32_t* xb0, const uint32_t* xb1) {
+    for (int64_t k = 0; k < Kp; k += 32) {
+        _tile_loadd(4, wa + k, Kp * 2);
+        _tile_loadd(5, wa + 16 * Kp + k, Kp * 2);
         _tile_loadd(6, xb0 + k / 2 * 16, 64);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(2, 5, 6);
@@ -323,12 +321,12 @@ int gemm_bf16_amx(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int
             int64_t b = 0;
             for (; b + 2 <= xblocks; b += 2) {
                 zero_acc<2>();
-                accumulate<2>(rows, Kp, Kp, xp + b * K2 * 16, xp + (b + 1) * K2 * 16);
+                accumulate<2>(rows, Kp, xp + b * K2 * 16, xp + (b + 1) * K2 * 16);
                 store_acc<2>(b * 16, T, n0, nr, N, y);
             }
             if (b < xblocks) {
                 zero_acc<1>();
-                accumulate<1>(rows, Kp, Kp, xp + b * K2 * 16, nullptr);
+                accumulate<1>(rows, Kp, xp + b * K2 * 16, nullptr);
                 store_acc<1>(b * 16, T, n0, nr, N, y);
             }
         }
