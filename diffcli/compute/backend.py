@@ -121,6 +121,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+def return_freed_memory() -> None:
+    """Give the pages of freed heap memory back to the OS (glibc's malloc_trim), where
+    keep_freed_memory() made malloc keep them. Called once a prefill is done: its attention
+    scores and expert buffers are of other sizes than a denoising step's [C, V] buffers, so
+    kept, they would add to the step's memory instead of being reused by it. A no-op elsewhere."""
+    if not keep_freed_memory.cache_info().currsize or not keep_freed_memory():
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @functools.lru_cache(maxsize=None)
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep large freed CPU buffers for reuse (once per process; True if set).

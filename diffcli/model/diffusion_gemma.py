@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..compute import graphs, ops
 from ..compute.backend import (DTYPES, _triton_available, backend_for, cpu_kernels, default_dtype,
-                               keep_freed_memory, triton_interpret)
+                               keep_freed_memory, return_freed_memory, triton_interpret)
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
 from ..gguf.reader import open_gguf
@@ -135,6 +135,8 @@ class DiffusionGemma:
         spans = check_spans(images, ids.numel(), self.config.n_embd)
         for lo, hi in chunk_bounds(ids.numel(), self.prefill_chunk, spans):
             self._encode_chunk(cache, ids[lo:hi], in_chunk(spans, lo, hi))
+        if self.device.type == "cpu":
+            return_freed_memory()
         return cache
 
     def _encode_chunk(self, cache: KVCache, ids: torch.Tensor,
