@@ -141,7 +141,9 @@ def has_bf16() -> bool:
 def amx() -> bool:
     """Whether the bf16 matmuls (qmatmul, moe, qmatmul_t) run on Intel AMX tiles: the CPU has
     AMX-BF16, Linux granted the tile state, and neither `DIFFCLI_NATIVE_AMX=0` nor set_amx(False)
-    switched it off. The same products as the AVX512-BF16 kernels, summed in another order."""
+    switched it off. qmatmul and moe make the same products as the AVX512-BF16 kernels, summed in
+    another order; qmatmul_t on the tiles multiplies W rounded to bf16 (as transformers' bf16
+    embedding is), where the other kernels multiply W as decoded, in fp32."""
     lib = _library()
     return lib is not None and bool(lib.dn_amx())
 

@@ -67,8 +67,9 @@ DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, 
 DN_API int dn_has_bf16(void);
 // AMX: dn_amx_available() is 1 when the CPU has AMX-BF16 and Linux granted the tile state;
 // dn_amx() is 1 when the bf16 matmuls (qmatmul, moe, qmatmul_t) run on the tiles, which
-// dn_set_amx(0) switches off (and dn_set_amx(1) back on) for this process. Same products of
-// bf16 operands with fp32 sums as the AVX512-BF16 kernels, summed in another order.
+// dn_set_amx(0) switches off (and dn_set_amx(1) back on) for this process. qmatmul and moe: the
+// same products of bf16 operands with fp32 sums as the AVX512-BF16 kernels, in another order;
+// qmatmul_t: W rounded to bf16 (the other kernels multiply it in fp32).
 DN_API int dn_amx_available(void);
 DN_API int dn_amx(void);
 DN_API void dn_set_amx(int on);
@@ -95,7 +96,8 @@ DN_API int dn_vocab_from_bf16(const uint16_t* logits, int64_t C, int64_t V, floa
 DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const double* u, int64_t* out);
 
 // y[T, K] = x[T, N] @ W[N, K], W given as N rows of ggml blocks (the transpose of dn_qmatmul's
-// use): softmax(logits) @ E from the embedding's blocks. fp32 accumulation; x fp32 or bf16 bits.
+// use): softmax(logits) @ E from the embedding's blocks. fp32 accumulation; x fp32 or bf16 bits
+// (on AMX tiles, dn_amx(), bf16 x meets W rounded to bf16).
 DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K,
                         float* y);
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
