@@ -119,8 +119,8 @@ inline void q5_0_bf16(const uint8_t* b, uint16_t* y) {
     const __m512 d = _mm512_set1_ps(f16_to_f32(load_u16(b)));
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     // table[q] = d * (q - 16) for q = 0..31, as the scalar d * (float)(q - 16)
-    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(d, iota),
-                                                        _mm512_mul_ps(d, _mm512_sub_ps(iota, _mm512_set1_ps(16))));
+    const __m512 below = _mm512_sub_ps(iota, _mm512_set1_ps(16));          // -16..-1
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(d, iota), _mm512_mul_ps(d, below));
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const __m128i qs = _mm_loadu_si128((const __m128i*)(b + 6)), nib = _mm_set1_epi8(0x0f);
@@ -141,7 +141,8 @@ inline void q4_k_bf16(const uint8_t* b, uint16_t* y) {
     const __m512 sm = _mm512_cvtepi32_ps(
         _mm512_cvtepu8_epi32(_mm_set_epi32((int)m_hi, (int)m_lo, (int)sc_hi, (int)sc_lo)));
     // lanes 0-7: d * sc (the scalar dl), 8-15: dmin * m (ml)
-    const __m512 dm = _mm512_mul_ps(_mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(dmin)), sm);
+    const __m512 scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d), _mm512_set1_ps(dmin));
+    const __m512 dm = _mm512_mul_ps(scale, sm);
     const __m512 iota = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i nib = _mm256_set1_epi8(0x0f);
     const uint8_t* qs = b + 16;
@@ -149,10 +150,10 @@ inline void q4_k_bf16(const uint8_t* b, uint16_t* y) {
         const __m512 dl = _mm512_permutexvar_ps(_mm512_set1_epi32(j), dm);
         const __m512 ml = _mm512_permutexvar_ps(_mm512_set1_epi32(8 + j), dm);
         // table[q] = dl * q - ml for q = 0..15 (product and difference rounded separately)
-        const __m512i table =
-            _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_mul_ps(dl, iota), ml)));
+        const __m256bh t = _mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_mul_ps(dl, iota), ml));
+        const __m512i table = _mm512_castsi256_si512((__m256i)t);
         const __m256i raw = _mm256_loadu_si256((const __m256i*)(qs + 32 * (j / 2)));
-        const __m256i q = (j & 1) ? _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib) : _mm256_and_si256(raw, nib);
+        const __m256i q = _mm256_and_si256((j & 1) ? _mm256_srli_epi16(raw, 4) : raw, nib);
         _mm512_storeu_si512(y, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(q), table));
     }
 }
@@ -169,12 +170,14 @@ inline void q6_k_bf16(const uint8_t* b, uint16_t* y) {
         const __m256i a = _mm256_loadu_si256((const __m256i*)ql);
         const __m256i c = _mm256_loadu_si256((const __m256i*)(ql + 32));
         const __m256i hb = _mm256_loadu_si256((const __m256i*)qh);
-        const __m256i q[4] = {
-            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, nib), _mm256_and_si256(_mm256_slli_epi16(hb, 4), top)), off),
-            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, nib), _mm256_and_si256(_mm256_slli_epi16(hb, 2), top)), off),
-            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), nib), _mm256_and_si256(hb, top)), off),
-            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
-                                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)), off)};
+        // 6-bit quants: a nibble (low or high half of ql) | 2 bits of qh moved to bits 4-5, minus 32
+        auto six = [&](__m256i nibbles, __m256i high) {
+            const __m256i v = _mm256_or_si256(_mm256_and_si256(nibbles, nib), _mm256_and_si256(high, top));
+            return _mm256_sub_epi8(v, off);
+        };
+        const __m256i q[4] = {six(a, _mm256_slli_epi16(hb, 4)), six(c, _mm256_slli_epi16(hb, 2)),
+                              six(_mm256_srli_epi16(a, 4), hb),
+                              six(_mm256_srli_epi16(c, 4), _mm256_srli_epi16(hb, 2))};
         const float* dh = ds + 8 * h;
         for (int g = 0; g < 4; ++g)
             put32(_mm512_mul_ps(_mm512_set1_ps(dh[2 * g]), i8x16(_mm256_castsi256_si128(q[g]))),
@@ -431,8 +434,8 @@ int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, i
                     for (int64_t j = 0; j < KS; j += 32) {
                         int64_t b = 0;
                         for (; b + 2 <= xblocks; b += 2)
-                            chunk_tiles<2>(xc + b * 16 * NC, xc + (b + 1) * 16 * NC, NC * 2, (const uint32_t*)wv.p,
-                                           A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
+                            chunk_tiles<2>(xc + b * 16 * NC, xc + (b + 1) * 16 * NC, NC * 2,
+                                           (const uint32_t*)wv.p, A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
                         if (b < xblocks)
                             chunk_tiles<1>(xc + b * 16 * NC, nullptr, NC * 2, (const uint32_t*)wv.p,
                                            A + b * 16 * KS, nullptr, j);
