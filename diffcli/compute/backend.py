@@ -125,8 +125,9 @@ def return_freed_memory() -> None:
     """Give the pages of freed heap memory back to the OS (glibc's malloc_trim), where
     keep_freed_memory() made malloc keep them. Called once a prefill is done: its attention
     scores and expert buffers are of other sizes than a denoising step's [C, V] buffers, so
-    kept, they would add to the step's memory instead of being reused by it. A no-op elsewhere."""
-    if not keep_freed_memory.cache_info().currsize or not keep_freed_memory():
+    kept, they would add to the step's memory instead of being reused by it. A no-op elsewhere
+    (load() has already called keep_freed_memory() for a model on the CPU: the result is cached)."""
+    if not keep_freed_memory():
         return
     try:
         ctypes.CDLL(None).malloc_trim(0)

@@ -370,11 +370,11 @@ void decode_pairs(int qtype, const uint8_t* w, int64_t rb, int64_t n0, int64_t n
     }
 }
 
-// acc[16 NB rows][KS] (row stride KS) += A rows (stride `as` bytes, NC values) . wv, for the
-// columns [j, j + 32).
+// acc[16 NB rows][KS] (row stride KS) += A rows (of the x chunk [Tp][NC]) . wv, for the columns
+// [j, j + 32).
 template <int NB>
-void chunk_tiles(const uint16_t* a0, const uint16_t* a1, int64_t as, const uint32_t* wv, float* acc0,
-                 float* acc1, int64_t j) {
+void chunk_tiles(const uint16_t* a0, const uint16_t* a1, const uint32_t* wv, float* acc0, float* acc1,
+                 int64_t j) {
     _tile_loadd(0, acc0 + j, KS * 4);
     _tile_loadd(1, acc0 + j + 16, KS * 4);
     if (NB == 2) {
@@ -382,13 +382,13 @@ void chunk_tiles(const uint16_t* a0, const uint16_t* a1, int64_t as, const uint3
         _tile_loadd(3, acc1 + j + 16, KS * 4);
     }
     for (int64_t n = 0; n < NC; n += 32) {
-        _tile_loadd(4, a0 + n, as);
+        _tile_loadd(4, a0 + n, NC * 2);
         _tile_loadd(6, wv + n / 2 * KS + j, KS * 4);
         _tile_loadd(7, wv + n / 2 * KS + j + 16, KS * 4);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (NB == 2) {
-            _tile_loadd(5, a1 + n, as);
+            _tile_loadd(5, a1 + n, NC * 2);
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
         }
@@ -434,11 +434,11 @@ int gemm_t_bf16_amx(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, i
                     for (int64_t j = 0; j < KS; j += 32) {
                         int64_t b = 0;
                         for (; b + 2 <= xblocks; b += 2)
-                            chunk_tiles<2>(xc + b * 16 * NC, xc + (b + 1) * 16 * NC, NC * 2,
-                                           (const uint32_t*)wv.p, A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
+                            chunk_tiles<2>(xc + b * 16 * NC, xc + (b + 1) * 16 * NC, (const uint32_t*)wv.p,
+                                           A + b * 16 * KS, A + (b + 1) * 16 * KS, j);
                         if (b < xblocks)
-                            chunk_tiles<1>(xc + b * 16 * NC, nullptr, NC * 2, (const uint32_t*)wv.p,
-                                           A + b * 16 * KS, nullptr, j);
+                            chunk_tiles<1>(xc + b * 16 * NC, nullptr, (const uint32_t*)wv.p, A + b * 16 * KS,
+                                           nullptr, j);
                     }
                 }
             }

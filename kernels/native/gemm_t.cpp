@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "blocks.h"
@@ -79,6 +80,9 @@ int gemm_t(const X* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_
     if (b.elems == 0) return DN_E_QTYPE;
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
+    if constexpr (std::is_same_v<X, uint16_t>) {
+        if (amx_active()) return gemm_t_bf16_amx(x, T, N, w, rb, qtype, K, y);
+    }
     const int64_t slices = (K + KS - 1) / KS, tasks = slices * PARTS;
     const int64_t per_part = (N + PARTS - 1) / PARTS;
     std::vector<float> part((size_t)(PARTS * T * K));          // [PARTS][T][K] partial sums
@@ -129,10 +133,5 @@ DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, 
 
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
                              int64_t K, float* y) {
-    if (dn::amx_active() && dn::block_info(qtype).elems != 0) {
-        const int64_t rb = dn::row_bytes(qtype, K);
-        if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
-        return dn::gemm_t_bf16_amx(x, T, N, w, rb, qtype, K, y);
-    }
     return dn::gemm_t(x, T, N, w, qtype, K, y);
 }
