@@ -194,15 +194,10 @@ def test_qlinear_dispatches_to_native(native_backend):
     assert torch.equal(yb, native.qmatmul(x.bfloat16(), qt, out_dtype=torch.float32).bfloat16())
 
 
-def _bf16_t(t: torch.Tensor) -> torch.Tensor:
-    """What qmatmul_t multiplies bf16 x by: W rounded to bf16 on the AMX tiles (as transformers'
-    bf16 embedding is), W as decoded (fp32) by the other kernels."""
-    return t.to(torch.bfloat16).double() if native.amx() else t.double()
-
-
 def _bf16(t: torch.Tensor) -> torch.Tensor:
-    """What the bf16 kernels multiply: t rounded to bf16 (nearest even), where the library has bf16
-    dot products; elsewhere bf16 calls are widened to the fp32 kernels (weights unrounded)."""
+    """What the bf16 kernels (qmatmul, qmatmul_t, moe) multiply: t rounded to bf16 (nearest even),
+    where the library has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 calls are widened
+    to the fp32 kernels (weights unrounded)."""
     return t.to(torch.bfloat16).double() if native.has_bf16() else t.double()
 
 
@@ -230,13 +225,13 @@ def test_bf16_kernels_decode_exactly(lib, qtype, K):
     """One-hot bf16 rows pick single weights out of the product (one nonzero term per sum, so the
     sum is exact): qmatmul(I, W) = W^T and qmatmul_t(I, W) = W, each weight exactly as the kernel
     multiplies it: the fp32 decode rounded to bf16 (nearest even), or unrounded where the kernel
-    multiplies in fp32 (see _bf16, _bf16_t). Catches a decoder off by one bf16 ulp anywhere."""
+    multiplies in fp32 (see _bf16). Catches a decoder off by one bf16 ulp anywhere."""
     N = 37
     qt, ref = _weights(qtype, (N, K), np.random.default_rng(K))
     y = native.qmatmul(torch.eye(K).bfloat16(), qt, out_dtype=torch.float32)      # [K, N]
     assert torch.equal(y.T.double(), _bf16(ref.float()))
     yt = native.qmatmul_t(torch.eye(N).bfloat16(), qt)                              # [N, K]
-    assert torch.equal(yt.double(), _bf16_t(ref.float()))
+    assert torch.equal(yt.double(), _bf16(ref.float()))
 
 
 @pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q6_K", 256), ("Q8_0", "Q5_0", 96)])
@@ -481,14 +476,14 @@ def test_qmatmul_t(lib, qtype, K, T, N):
     """x [T, N] @ W [N, K] from W's blocks: against float64 with W dequantized by gguf-py (fp32
     products and sums: each output a sum of N terms split in 4 ordered parts of 64-row tiles ->
     bounded by (N + 8) eps32 * sum |x| |W|, within the 1e-5 relative slack used for qmatmul here);
-    bf16 x is the same matmul of the bf16 values (widened exactly), times W rounded to bf16 on
-    the AMX tiles."""
+    bf16 x is the same matmul of the bf16 values (widened exactly), times W rounded to bf16 where
+    the library has bf16 dot products (_bf16)."""
     rng = np.random.default_rng(T * N)
     qt, ref = _weights(qtype, (N, K), rng)
     x = torch.from_numpy(rng.standard_normal((T, N)).astype(np.float32))
     for xx in (x, x.bfloat16()):
         y = native.qmatmul_t(xx, qt)
-        exact = xx.double() @ (_bf16_t(ref) if xx.dtype == torch.bfloat16 else ref)
+        exact = xx.double() @ (_bf16(ref) if xx.dtype == torch.bfloat16 else ref)
         bound = (N + 8) * 2.0 ** -24 * (xx.double().abs() @ ref.abs()) + 1e-30
         assert y.dtype == torch.float32 and y.shape == (T, K)
         assert ((y.double() - exact).abs() <= bound).all()

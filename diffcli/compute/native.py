@@ -133,7 +133,8 @@ def supports(qtype: str, dtype: torch.dtype = torch.float32) -> bool:
 
 def has_bf16() -> bool:
     """Whether the loaded library multiplies bf16 activations with bf16 dot products
-    (AVX512-BF16); without it bf16 calls are widened to the fp32 kernels."""
+    (AVX512-BF16, or AMX where amx()): the weights of qmatmul, moe and qmatmul_t are decoded, then
+    rounded to bf16. Without it bf16 calls are widened to the fp32 kernels (weights unrounded)."""
     lib = _library()
     return lib is not None and bool(lib.dn_has_bf16())
 
@@ -141,9 +142,8 @@ def has_bf16() -> bool:
 def amx() -> bool:
     """Whether the bf16 matmuls (qmatmul, moe, qmatmul_t) run on Intel AMX tiles: the CPU has
     AMX-BF16, Linux granted the tile state, and neither `DIFFCLI_NATIVE_AMX=0` nor set_amx(False)
-    switched it off. qmatmul and moe make the same products as the AVX512-BF16 kernels, summed in
-    another order; qmatmul_t on the tiles multiplies W rounded to bf16 (as transformers' bf16
-    embedding is), where the other kernels multiply W as decoded, in fp32."""
+    switched it off. The tiles make the same products as the AVX512-BF16 kernels (bf16 operands,
+    fp32 sums), summed in another order."""
     lib = _library()
     return lib is not None and bool(lib.dn_amx())
 
@@ -244,7 +244,8 @@ def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) 
 
 def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     """x [T, N] @ qt[N, K] -> [T, K] fp32 (the weight's rows are the reduction), e.g.
-    softmax(logits) @ E from the embedding's blocks; x fp32 or bf16, fp32 accumulation."""
+    softmax(logits) @ E from the embedding's blocks; x fp32 or bf16, fp32 accumulation. bf16 x:
+    products with W rounded to bf16 (as transformers' bf16 embedding is; see has_bf16)."""
     N, K = qt.shape
     if x.dim() != 2 or x.shape[-1] != N:
         raise ValueError(f"qmatmul_t: x has shape {list(x.shape)}, {qt.name or 'weight'} has {N} rows")

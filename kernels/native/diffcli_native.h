@@ -62,14 +62,14 @@ DN_API int dn_moe(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, 
                   const float* weights, int64_t A, float* out);
 
 // bf16 activations (raw bits), fp32 results. With dn_has_bf16() the products are of bf16-rounded
-// operands (the weights are decoded, then rounded to bf16) accumulated in fp32 (AVX512-BF16);
-// without it x is widened and the fp32 kernels run. K must be even.
+// operands (the weights are decoded, then rounded to bf16) accumulated in fp32 (AVX512-BF16 or
+// AMX), in dn_qmatmul_bf16, dn_moe_bf16 and dn_qmatmul_t_bf16 alike; without it x is widened and
+// the fp32 kernels run. K must be even.
 DN_API int dn_has_bf16(void);
 // AMX: dn_amx_available() is 1 when the CPU has AMX-BF16 and Linux granted the tile state;
 // dn_amx() is 1 when the bf16 matmuls (qmatmul, moe, qmatmul_t) run on the tiles, which
-// dn_set_amx(0) switches off (and dn_set_amx(1) back on) for this process. qmatmul and moe: the
-// same products of bf16 operands with fp32 sums as the AVX512-BF16 kernels, in another order;
-// qmatmul_t: W rounded to bf16 (the other kernels multiply it in fp32).
+// dn_set_amx(0) switches off (and dn_set_amx(1) back on) for this process: the same products of
+// bf16 operands with fp32 sums as the AVX512-BF16 kernels, in another order.
 DN_API int dn_amx_available(void);
 DN_API int dn_amx(void);
 DN_API void dn_set_amx(int on);
@@ -97,7 +97,7 @@ DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const doubl
 
 // y[T, K] = x[T, N] @ W[N, K], W given as N rows of ggml blocks (the transpose of dn_qmatmul's
 // use): softmax(logits) @ E from the embedding's blocks. fp32 accumulation; x fp32 or bf16 bits
-// (on AMX tiles, dn_amx(), bf16 x meets W rounded to bf16).
+// (bf16 x meets W rounded to bf16 where dn_has_bf16()).
 DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K,
                         float* y);
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,

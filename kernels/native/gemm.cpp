@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "bf16.h"
 #include "blocks.h"
 
 namespace dn {
@@ -36,11 +37,6 @@ constexpr int MR = 6;
 #endif
 constexpr int64_t KB = 256;
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-#define DN_BF16 1
-#else
-#define DN_BF16 0
-#endif
 constexpr int64_t TB = 512;
 
 int64_t row_bytes(int qtype, int64_t K) {
@@ -203,7 +199,7 @@ void tile(const float* xp, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, 
         memcpy(y + (t0 + t) * N + n0, s.acc + t * NR, (size_t)nr * sizeof(float));
 }
 
-#if DN_BF16
+#if DN_AVX512BF16
 // --- bf16 path: the same tiles, with products of bf16 pairs (vdpbf16ps, fp32 accumulation) ------
 // A "pair" is two bf16 values adjacent along K packed in 32 bits (low half first), so a K-slice
 // of kb values is kb/2 pairs. xp: panels [K/2][MR] of pairs; wt: [kb/2][NR] pairs. One
@@ -222,15 +218,6 @@ void pack_x_bf16(const uint16_t* x, int64_t K, int64_t t0, int64_t tb, uint32_t*
             for (int64_t k = 0; k < K2; ++k) memcpy(dst + k * MR + r, src + 2 * k, 4);
         }
     }
-}
-
-// n fp32 values (n even) -> n/2 pairs, rounded to nearest even.
-void to_pairs(const float* src, int64_t n, uint32_t* dst) {
-    int64_t k = 0;
-    for (; k + 16 <= n; k += 16)
-        _mm256_storeu_si256((__m256i*)(dst + k / 2), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + k)));
-    for (; k < n; k += 2)
-        dst[k / 2] = (uint32_t)f32_to_bf16(src[k]) | (uint32_t)f32_to_bf16(src[k + 1]) << 16;
 }
 
 // acc[M][NR] (+)= xp[kb2][MR] (first M columns) . wt[kb2][NR], pairwise.
@@ -264,8 +251,8 @@ void ukernel_bf16_upto(int m, int64_t kb2, const uint32_t* xp, const uint32_t* w
     ukernel_bf16<M>(kb2, xp, wt, acc, add);
 }
 
-// One tile of NR weight rows: each K-slice is dequantized to fp32 (s.rows), rounded to bf16
-// pairs (first half of s.wt), transposed to [kb/2][NR] (second half of s.wt).
+// One tile of NR weight rows: each K-slice is decoded to bf16 pairs (first half of s.wt; bf16.h),
+// transposed to [kb/2][NR] (second half of s.wt).
 void tile_bf16(const uint32_t* xp, int64_t t0, int64_t tb, int64_t K, const uint8_t* w, int64_t rb,
                int qtype, int64_t n0, int64_t N, float* y, Scratch& s) {
     const int nr = (int)std::min<int64_t>(NR, N - n0);
@@ -274,10 +261,8 @@ void tile_bf16(const uint32_t* xp, int64_t t0, int64_t tb, int64_t K, const uint
     const int64_t K2 = K / 2;
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
         const int64_t kb = std::min(KB, K - k0), kb2 = kb / 2;
-        for (int r = 0; r < nr; ++r) {
-            dequant_range(qtype, w + (n0 + r) * rb, k0, kb, s.rows + r * KB);
-            to_pairs(s.rows + r * KB, kb, pairs + r * (KB / 2));
-        }
+        for (int r = 0; r < nr; ++r)    // writes up to kb rounded up to 16 values: within the row
+            decode_span(qtype, w + (n0 + r) * rb, k0, kb, kb, (uint16_t*)(pairs + r * (KB / 2)));
         for (int r = nr; r < NR; ++r) memset(pairs + r * (KB / 2), 0, (size_t)kb2 * 4);
         transpose_tile((const float*)pairs, kb2, (float*)wt, KB / 2);
         for (int64_t t = 0; t < tb; t += MR) {
@@ -288,7 +273,7 @@ void tile_bf16(const uint32_t* xp, int64_t t0, int64_t tb, int64_t K, const uint
     for (int64_t t = 0; t < tb; ++t)
         memcpy(y + (t0 + t) * N + n0, s.acc + t * NR, (size_t)nr * sizeof(float));
 }
-#endif  // DN_BF16
+#endif  // DN_AVX512BF16
 
 }  // namespace
 
@@ -327,7 +312,7 @@ int gemm_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qty
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || K % 2 || rb < 0) return DN_E_SHAPE;
     if (amx_active()) return gemm_bf16_amx(x, T, K, w, rb, qtype, N, y);
-#if DN_BF16
+#if DN_AVX512BF16
     passes<uint32_t>(T, N, K / 2,
                      [&](int64_t t0, int64_t tb, uint32_t* xp) { pack_x_bf16(x, K, t0, tb, xp); },
                      [&](const uint32_t* xp, int64_t t0, int64_t tb, int64_t n0, Scratch& s) {
@@ -344,7 +329,7 @@ int gemm_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qty
 
 }  // namespace dn
 
-DN_API int dn_has_bf16(void) { return DN_BF16; }
+DN_API int dn_has_bf16(void) { return DN_AVX512BF16; }
 
 DN_API int dn_qmatmul_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype,
                            int64_t N, float* y) {

@@ -11,6 +11,14 @@
 // as [NB][T] fp32 (bf16 x is widened here), and accumulates acc[T][KS] += xp^T @ tile with a
 // register block of MR rows x 16 columns. The PARTS partial sums of each slice are added in part
 // order, so the result does not depend on the thread count.
+//
+// bf16 x where the build has AVX512-BF16 (and AMX is not in use): products of bf16 pairs
+// (vdpbf16ps, fp32 sums), W rounded to bf16 as on the AMX tiles. A task is (group of GS slices,
+// part): per chunk of NB rows, x's matching columns are read once as pairs (x[t][n], x[t][n+1]
+// are adjacent in x) into [NB/2][T], and each slice of the group decodes its NB rows into pairs
+// along N (bf16.h's decode_pairs) and accumulates acc[T][KS] += xp^T . wv, MR2 rows x 32 columns
+// a register block. Grouping the slices reads x once per group rather than once per slice (x is
+// [C, V], 134 MB at the real vocabulary).
 #include <stdlib.h>
 #include <string.h>
 
@@ -20,6 +28,7 @@
 
 #include "blocks.h"
 #include "amx.h"
+#include "bf16.h"
 #include "gemm.h"
 
 namespace dn {
@@ -74,6 +83,100 @@ void block_upto(int m, int64_t nb, const float* xp, int64_t T, const float* w, i
     block<M>(nb, xp, T, w, ks, acc);
 }
 
+#if DN_AVX512BF16
+constexpr int MR2 = 12;     // 24 accumulators, two weight vectors and a broadcast of 32 zmm
+constexpr int64_t GS = 3;   // slices per task
+
+// acc[M][KS] (row stride KS) += sum_i xp[i][M rows] . wv[i][columns < width], pairwise
+// (xp row stride T, wv lines of KS pairs).
+template <int M>
+void block_bf16(int64_t nb2, const uint32_t* xp, int64_t T, const uint32_t* wv, int64_t width, float* acc) {
+    for (int64_t j = 0; j < width; j += 32) {
+        __m512 c0[M], c1[M];
+        for (int r = 0; r < M; ++r) {
+            c0[r] = _mm512_loadu_ps(acc + r * KS + j);
+            c1[r] = _mm512_loadu_ps(acc + r * KS + j + 16);
+        }
+        for (int64_t i = 0; i < nb2; ++i) {
+            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wv + i * KS + j);
+            const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wv + i * KS + j + 16);
+            for (int r = 0; r < M; ++r) {
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)xp[i * T + r]);
+                c0[r] = _mm512_dpbf16_ps(c0[r], xb, w0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], xb, w1);
+            }
+        }
+        for (int r = 0; r < M; ++r) {
+            _mm512_storeu_ps(acc + r * KS + j, c0[r]);
+            _mm512_storeu_ps(acc + r * KS + j + 16, c1[r]);
+        }
+    }
+}
+
+template <int M>
+void block_bf16_upto(int m, int64_t nb2, const uint32_t* xp, int64_t T, const uint32_t* wv, int64_t width,
+                     float* acc) {
+    if constexpr (M > 1) {
+        if (m < M) return block_bf16_upto<M - 1>(m, nb2, xp, T, wv, width, acc);
+    }
+    block_bf16<M>(nb2, xp, T, wv, width, acc);
+}
+
+// Columns [n0, n0 + nb) of x [T][N] as pairs xp[i][t] = (x[t][n0 + 2i], x[t][n0 + 2i + 1]); an
+// odd nb's last pair has a zero high half (never reading past n0 + nb).
+void pack_pairs_t(const uint16_t* x, int64_t T, int64_t N, int64_t n0, int64_t nb, uint32_t* xp) {
+    const int64_t full = nb / 2;
+    for (int64_t t = 0; t < T; ++t) {
+        const uint16_t* src = x + t * N + n0;
+        for (int64_t i = 0; i < full; ++i) {
+            uint32_t v;
+            memcpy(&v, src + 2 * i, 4);
+            xp[i * T + t] = v;
+        }
+        if (nb % 2) xp[full * T + t] = src[nb - 1];
+    }
+}
+
+int gemm_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int64_t rb, int qtype, int64_t K,
+                float* y) {
+    const int64_t slices = (K + KS - 1) / KS, groups = (slices + GS - 1) / GS, tasks = groups * PARTS;
+    const int64_t per_part = (N + PARTS - 1) / PARTS;
+    std::vector<float> part((size_t)(PARTS * T * K));          // [PARTS][T][K] partial sums
+#pragma omp parallel if (tasks > 1)
+    {
+        std::vector<uint32_t> wv((size_t)(NB / 2 * KS)), xp((size_t)(NB / 2 * T));
+        std::vector<float> acc((size_t)(GS * T * KS));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; ++task) {
+            const int64_t g = task / PARTS, p = task % PARTS;
+            const int64_t s_lo = g * GS, s_hi = std::min(slices, s_lo + GS);
+            const int64_t n_lo = std::min(N, p * per_part), n_hi = std::min(N, n_lo + per_part);
+            std::fill(acc.begin(), acc.end(), 0.0f);
+            for (int64_t n0 = n_lo; n0 < n_hi; n0 += NB) {
+                const int64_t nb = std::min(NB, n_hi - n0), nb2 = (nb + 1) / 2;
+                pack_pairs_t(x, T, N, n0, nb, xp.data());
+                for (int64_t s = s_lo; s < s_hi; ++s) {
+                    const int64_t k0 = s * KS, ks = std::min(KS, K - k0), width = (ks + 31) / 32 * 32;
+                    decode_pairs(qtype, w, rb, n0, n_hi, 2 * nb2, k0, ks, KS, wv.data());
+                    float* A = acc.data() + (s - s_lo) * T * KS;
+                    for (int64_t t = 0; t < T; t += MR2)
+                        block_bf16_upto<MR2>((int)std::min<int64_t>(MR2, T - t), nb2, xp.data() + t, T, wv.data(),
+                                             width, A + t * KS);
+                }
+            }
+            float* dst = part.data() + p * T * K;
+            for (int64_t s = s_lo; s < s_hi; ++s) {
+                const int64_t k0 = s * KS, ks = std::min(KS, K - k0);
+                const float* A = acc.data() + (s - s_lo) * T * KS;
+                for (int64_t t = 0; t < T; ++t) memcpy(dst + t * K + k0, A + t * KS, (size_t)ks * 4);
+            }
+        }
+    }
+    add_parts(part.data(), PARTS, T * K, y);
+    return DN_OK;
+}
+#endif  // DN_AVX512BF16
+
 template <typename X>
 int gemm_t(const X* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_t K, float* y) {
     const BlockInfo b = block_info(qtype);
@@ -82,6 +185,9 @@ int gemm_t(const X* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_
     if (T < 0 || N < 0 || K <= 0 || rb < 0) return DN_E_SHAPE;
     if constexpr (std::is_same_v<X, uint16_t>) {
         if (amx_active()) return gemm_t_bf16_amx(x, T, N, w, rb, qtype, K, y);
+#if DN_AVX512BF16
+        return gemm_t_bf16(x, T, N, w, rb, qtype, K, y);
+#endif
     }
     const int64_t slices = (K + KS - 1) / KS, tasks = slices * PARTS;
     const int64_t per_part = (N + PARTS - 1) / PARTS;
