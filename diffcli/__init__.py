@@ -16,7 +16,7 @@ _API = {
     "convert": "gguf.convert",
     "convert_mmproj": "gguf.mmproj",
     "ModelConfig": "model.config",
-    "load": "model.diffusion_gemma",
+    "load": "model.loading",
     "load_vision": "model.vision",
     "SamplerConfig": "generation.sampler",
     "generate": "generation.loop",

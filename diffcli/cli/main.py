@@ -99,7 +99,7 @@ class DiffcliCLI(click.Group):
 
 def run_params() -> list[click.Parameter]:
     """The run command's options, without importing the run module (or torch)."""
-    from .options import click_options
+    from .run_flags import click_options
 
     def holder(**kwargs):
         pass

@@ -16,7 +16,8 @@ import click
 from .chat import chat_loop
 from .flags import FlagCommand
 from .images import read_images
-from .options import RunOptions, click_options
+from .options import RunOptions
+from .run_flags import click_options
 from .session import OutputError, Session, open_session, report, run_turn
 
 

@@ -15,7 +15,8 @@ import click
 
 from ..errors import RuntimeFailure
 from .flags import FlagCommand
-from .options import RunOptions, click_options
+from .options import RunOptions
+from .run_flags import click_options
 from .session import log
 
 # run's flags that serve does not take (one prompt, terminal output)

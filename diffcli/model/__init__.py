@@ -1,3 +1,4 @@
 """The DiffusionGemma model: its config from GGUF metadata (`config`), the weight-name table
-(`weights`), device placement (`placement`), the stateless layer pieces (`layers`) and the
-encode / denoise / commit passes (`diffusion_gemma`, which also holds `load`)."""
+(`weights`), device placement (`placement`), the stateless layer pieces (`layers`), the encoder's
+KV cache (`cache`), the encode / denoise / commit passes (`diffusion_gemma`) and `load`
+(`loading`), which opens a file into them."""

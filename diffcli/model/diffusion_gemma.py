@@ -1,7 +1,7 @@
 """DiffusionGemma: one weight set run two ways (spec §B).
 
 - `encode` / `commit` (the encoder): causal over the prompt and every committed canvas; appends
-  each layer's K/V to a KVCache.
+  each layer's K/V to a KVCache (cache.py).
 - `denoise` (the decoder): one step over the canvas, bidirectional, reading the cache and never
   writing it; adds self-conditioning from the previous step's tempered logits.
 - `denoise_fused`: the same step ending in the fused vocabulary head of kernels/vocab.py, which
@@ -25,53 +25,20 @@ D head dim.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..compute import graphs, ops
-from ..compute.backend import (DTYPES, _triton_available, backend_for, cpu_kernels, default_dtype,
-                               keep_freed_memory, return_freed_memory, triton_interpret)
-from ..errors import InputError
+from ..compute.backend import (_triton_available, backend_for, cpu_kernels, default_dtype,
+                               return_freed_memory, triton_interpret)
 from ..gguf.qtensor import QTensor
-from ..gguf.reader import open_gguf
+from .cache import KVCache
 from .config import ModelConfig
 from .images import ImageSpan, check_spans, chunk_bounds, image_blocks, in_chunk, place
 from .layers import attention, rms, rotate_half, softcap_
-from .weights import LayerWeights, Weights, load_weights, validate
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys and values of every committed token ([Nkv, L, D] each).
-
-    Global layers keep all P tokens. Sliding layers keep only the last W-1: no later query can
-    see further back (an encoder query at position p sees p-W+1..p; the decoder sees the last W-1
-    cached keys plus the canvas). Tensors are replaced, never written in place, so `copy()` is a
-    cheap snapshot (e.g. to keep a chat prompt's cache across turns).
-    """
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    sliding: list[bool]
-    window: int
-    length: int = 0                      # P: positions 0..P-1 are committed
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        keys = torch.cat([self.keys[layer], k], dim=1)
-        values = torch.cat([self.values[layer], v], dim=1)
-        if self.sliding[layer]:
-            keys, values = keys[:, -(self.window - 1):], values[:, -(self.window - 1):]
-        self.keys[layer], self.values[layer] = keys, values
-
-    def copy(self) -> "KVCache":
-        return KVCache(list(self.keys), list(self.values), list(self.sliding), self.window,
-                       self.length)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+from .weights import LayerWeights, Weights
 
 
 class DiffusionGemma:
@@ -457,55 +424,3 @@ class _PerDevice:
                               for k, v in d.items()}
             self.copies[dev] = (move(self.rope), move(self.masks))
         return self.copies[dev]
-
-
-def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         cache_embedding: bool | None = None, n_gpu_layers: int = -1, n_cpu_moe: int | None = 0,
-         override_tensor=(), mmap: bool = True) -> DiffusionGemma:
-    """Open a diffusion-gemma GGUF. Weights stay quantized (raw bytes where they are placed).
-
-    device: the accelerator (or "cpu"). n_gpu_layers / n_cpu_moe / override_tensor place layers
-    and tensors as llama.cpp's -ngl / --n-cpu-moe / -ot do (semantics in placement.py); the
-    default puts everything on `device`. Before anything is copied to a CUDA device, the bytes
-    the placement needs there are checked against the free memory: a placement that cannot fit
-    raises InputError naming one that does.
-    dtype: activation dtype everywhere (a torch dtype, or "f32" / "bf16" / "f16"; None or "auto":
-    the default); default per device (backend.default_dtype): bfloat16 on
-    accelerators and on CPUs with bf16 dot products, float32 on other CPUs. float32 on the CPU
-    reproduces transformers' fp32 logits to ~1e-5.
-    cache_embedding: keep a dequantized copy of the tied embedding for the head and
-    self-conditioning (see DiffusionGemma._dense_embedding); default True off the CPU; on the CPU
-    False where the native kernels can use the embedding's blocks (compute/vocab.blocks_usable),
-    else only for a bf16 head (a float32 copy would be 4 bytes per value).
-    mmap: False (--no-mmap) copies the CPU-placed weights out of the file mapping into process
-    memory at load time (the whole file is read once); True leaves them as views of the mapping.
-    """
-    from .placement import canonical, check_fits, plan_placement
-    device = canonical(device)
-    if isinstance(dtype, str):
-        if dtype != "auto" and dtype not in DTYPES:
-            raise InputError(f"unknown activation dtype {dtype!r}",
-                             fix=f"use auto or one of {', '.join(DTYPES)}")
-        dtype = DTYPES.get(dtype)
-    f = open_gguf(path)
-    cfg = ModelConfig.from_gguf(f)
-    validate(f, cfg)
-    plan = plan_placement(f.tensor_names, cfg.n_layer, device, n_gpu_layers, n_cpu_moe or 0,
-                          override_tensor or ())
-    act = {d: dtype or default_dtype(d) for d in {plan.head, *plan.layers, *plan.tensors.values()}}
-    check_fits(f, cfg, plan, act, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe or 0,
-               override_tensor=override_tensor or ())
-    if any(d.type == "cpu" for d in act):
-        keep_freed_memory()
-    weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
-    if cache_embedding is None:
-        # on the CPU the native kernels run the head and self-conditioning on the blocks (no
-        # copy: 1.5 GB in bf16 at the real shapes); without them a bf16 head keeps a bf16 copy
-        from ..compute import vocab as cpu_vocab
-        cache_embedding = plan.head.type != "cpu" or (
-            act[plan.head] != torch.float32 and not cpu_vocab.blocks_usable(weights.embed, act[plan.head]))
-    model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
-                           plan.layers, act)
-    model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer
-    model.placement = plan
-    return model
