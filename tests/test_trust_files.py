@@ -5,6 +5,7 @@ in a header is allocated before it is checked against the bytes that could hold 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import warnings
 
@@ -266,6 +267,12 @@ def test_a_file_that_really_ends_early_is_called_truncated(tmp_path, bases):
                 inside_template.offset - 3):
         msg = refused(write(tmp_path, data[:cut]), "truncated", f"ends at byte {cut:,}")
         assert "download" in msg
+        # the field's offset plus the bytes said to be left is where the file ends
+        got = re.search(r"\(at byte ([\d,]+)\), which needs ([\d,]+) bytes?, but "
+                        r"(?:only ([\d,]+) bytes? (?:is|are)|no bytes are) left", msg)
+        assert got, msg
+        at, need, left = (int((g or "0").replace(",", "")) for g in got.groups())
+        assert at + left == cut and need > left, msg
     refused(write(tmp_path, data[:-100]), "past the end of the file", "download")
 
 

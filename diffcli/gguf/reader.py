@@ -84,6 +84,11 @@ def _bytes(n: int) -> str:
     return f"{n:,} byte" if n == 1 else f"{n:,} bytes"
 
 
+def _left(n: int) -> str:
+    """'only 3 bytes are left', 'only 1 byte is left', 'no bytes are left'."""
+    return "no bytes are left" if n == 0 else f"only {_bytes(n)} {'is' if n == 1 else 'are'} left"
+
+
 class _Cursor:
     """Reads header values from the mapped bytes; every read is bounds-checked and every count
     is checked against the bytes left before anything is allocated.
@@ -100,8 +105,7 @@ class _Cursor:
 
     def _need(self, n: int, what: str) -> None:
         if self.pos + n > self.end:
-            raise _Bad(what, self.pos, f"needs {_bytes(n)}, but the file ends {_bytes(self.left())} "
-                       "later", truncated=True)
+            raise _Bad(what, self.pos, f"needs {_bytes(n)}, but {_left(self.left())}", truncated=True)
 
     def u32(self, what: str) -> int:
         self._need(4, what)
@@ -120,10 +124,10 @@ class _Cursor:
         if pos + n > self.end:
             tail = self.buf[pos:self.end]
             if n <= 1 << 26 and _looks_like_text(tail):
-                raise _Bad(what, pos - 8, f"needs {_bytes(n)}, but the file ends "
-                           f"{_bytes(self.end - pos)} later", truncated=True)
-            raise _Bad(what, pos - 8, f"has length {n:,}, but only {_bytes(self.end - pos)} "
-                       f"{'is' if self.end - pos == 1 else 'are'} left in the file")
+                # counted from the field's start, its 8-byte length included, as `at` is
+                raise _Bad(what, pos - 8, f"needs {_bytes(n + 8)}, but {_left(self.end - pos + 8)}",
+                           truncated=True)
+            raise _Bad(what, pos - 8, f"has length {n:,}, but {_left(self.end - pos)} in the file")
 
     def string(self, what: str, limit: int | None = None) -> str:
         n = self.u64(what)
