@@ -8,9 +8,10 @@
 //
 // Work: tasks (K slice, N part), spread over the threads. A task walks its rows NB at a time:
 // dequantizes the NB rows' slice into fp32 (NB x KS, L1/L2-sized), packs the matching x columns
-// as [NB][T] fp32 (bf16 x is widened here), and accumulates acc[T][KS] += xp^T @ tile with a
-// register block of MR rows x 16 columns. The PARTS partial sums of each slice are added in part
-// order, so the result does not depend on the thread count.
+// as [NB][T] fp32 (bf16 x, on a build without bf16 dot products, is widened here), and
+// accumulates acc[T][KS] += xp^T @ tile with a register block of MR rows x 16 columns. The PARTS
+// partial sums of each slice are added in part order, so the result does not depend on the
+// thread count.
 //
 // bf16 x where the build has AVX512-BF16 (and AMX is not in use): products of bf16 pairs
 // (vdpbf16ps, fp32 sums), W rounded to bf16 as on the AMX tiles. A task is (group of GS slices,
