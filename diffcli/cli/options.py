@@ -17,13 +17,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import click
-
 from ..errors import InputError
 from .text_input import process_escapes, read_text_file, utf8_text
 
 DEFAULT_SEED = 0xFFFFFFFF
-AUTO_ON_OFF = click.Choice(["auto", "on", "off"], case_sensitive=False)
 LEGACY = {  # flag: (dest, default) — llama.cpp's masked-diffusion (Dream/LLaDA) path only
     "--diffusion-steps": ("diffusion_steps", 128), "--diffusion-eps": ("diffusion_eps", 0.0),
     "--diffusion-algorithm": ("diffusion_algorithm", 4), "--diffusion-alg-temp": ("diffusion_alg_temp", 0.0),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import click
 
 from .flags import FlagOption, LayerCount, Switch
-from .options import AUTO_ON_OFF, DEFAULT_SEED, LEGACY
+from .options import DEFAULT_SEED, LEGACY
+
+AUTO_ON_OFF = click.Choice(["auto", "on", "off"], case_sensitive=False)
 
 
 def _seed(ctx, param, value):
