@@ -7,14 +7,12 @@
 - moe: against ops.moe_torch on gguf-py-dequantized float64 weights, with idle experts;
 - the bf16 entry points (bf16 activations): against float64 products of the bf16-rounded operands.
 
-The library is built once per module into a temporary folder (cmake + a C++17 compiler), for
+The library is built once per session into a temporary folder (cmake + a C++17 compiler), for
 this CPU (-march=native) and, on x86, also as the portable build (scalar fallback) and the AVX2
-build, so every SIMD path that can run here is checked. On a CPU with AMX the native build runs
-twice: with the AMX tile kernels (its default) and with them switched off (the AVX512-BF16 ones).
+build, so every SIMD path that can run here is checked (tests/_native_builds.py). On a CPU with
+AMX the native build runs twice: with the AMX tile kernels (its default) and with them switched
+off (the AVX512-BF16 ones). The int8 kernels are checked in tests/test_native_q8.py.
 """
-import platform
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -27,53 +25,12 @@ from diffcli.compute.backend import set_backend
 from diffcli.gguf.qtensor import QTensor
 
 from _bounds import decode_magnitude, matmul_bound, unit_roundoff
+from _native_builds import NO_AMX, lib  # noqa: F401 (the fixture)
+from _native_builds import cpu_flags as _cpu_flags
 from _qblocks import random_blocks, reference
 
 QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
 FLOAT_TYPES = ["F32", "F16", "BF16"]
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-NO_AMX = "native/no-amx"      # the native build with the AMX kernels switched off
-
-
-def _arches():
-    arches = ["native"]
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        flags = _cpu_flags()
-        if {"amx_bf16", "amx_tile"} <= flags:
-            arches.append(NO_AMX)                            # AVX512-BF16 kernels on an AMX CPU
-        arches.append("")                                    # x86-64 baseline: scalar kernels
-        if {"avx512f", "avx2"} <= flags:
-            arches.append("haswell")                         # AVX2 kernels on an AVX-512 CPU
-    return arches
-
-
-@pytest.fixture(scope="module", params=_arches(), ids=lambda a: f"march={a or 'default'}")
-def lib(request, tmp_path_factory):
-    if shutil.which("cmake") is None or shutil.which("c++") is None:
-        pytest.skip("cmake or a C++ compiler is missing, so the native library cannot be built")
-    arch = "native" if request.param == NO_AMX else request.param
-    path = native.build(tmp_path_factory.mktemp("native-build"), quiet=True, arch=arch)
-    assert native.use_library(path), f"{path} was built but does not load"
-    expected = {"": "scalar", "haswell": "avx2"}.get(request.param)
-    assert expected is None or native.simd() == expected
-    if request.param == NO_AMX:
-        native.set_amx(False)
-        assert not native.amx()
-    yield path
-    native.set_amx(True)
-    native.use_library(None)
-    set_backend(None)
 
 
 def test_amx_follows_the_cpu(lib):

@@ -93,13 +93,16 @@ def cpu_has_bf16() -> bool:
 
 def cpu_kernels() -> str:
     """What multiplies the quantized weights on the CPU, for the load line: "native avx512 + AMX",
-    "native avx512 bf16", "native avx2", ..., or "torch" (no native library, or DIFFCLI_BACKEND)."""
+    "native avx512 bf16", "native avx2", ..., "+ int8" appended where native.int8() (bf16 mode's
+    int8 products), or "torch" (no native library, or DIFFCLI_BACKEND)."""
     if backend_for("cpu") != "native":
         return "torch"
     kind = f"native {native.simd()}"
     if native.amx():
-        return kind + " + AMX"
-    return kind + " bf16" if native.has_bf16() else kind
+        kind += " + AMX"
+    elif native.has_bf16():
+        kind += " bf16"
+    return kind + " + int8" if native.int8() else kind
 
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

@@ -20,7 +20,7 @@ import torch
 
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 4   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 5   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -87,7 +87,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.restype = i32
     lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
-    for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16):
+    lib.dn_has_vnni.restype = i32
+    lib.dn_q8_supports.argtypes = [i32]
+    lib.dn_q8_supports.restype = i32
+    lib.dn_qmatmul_q8.argtypes = lib.dn_qmatmul_q8_bf16.argtypes = lib.dn_qmatmul.argtypes
+    lib.dn_moe_q8.argtypes = lib.dn_moe_q8_bf16.argtypes = lib.dn_moe.argtypes
+    lib.dn_quantize_q8.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
+               lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
+               lib.dn_quantize_q8):
         fn.restype = i32
     return lib
 
@@ -161,6 +169,38 @@ def set_amx(on: bool) -> None:
         lib.dn_set_amx(1 if on else 0)
 
 
+# Weight types of the int8 kernels (dn_*_q8): per group of 32 values an unsigned quant with one scale
+# and one offset, used as integers.
+Q8_TYPES = ("Q4_K", "Q5_0", "Q8_0")
+_int8 = os.environ.get("DIFFCLI_NATIVE_INT8", "0").strip().lower() in ("1", "on", "yes", "true")
+
+
+def int8() -> bool:
+    """Whether qmatmul and moe multiply with int8 products where the weight types allow it
+    (Q8_TYPES): the activations are rounded to int8 per group of 32 values (scale max|x| / 127,
+    as llama.cpp's Q8_0) and meet the weights' quants as integers, with fp32 sums. For bf16
+    activations only: f32 mode keeps its exact fp32 products. Off by default;
+    `DIFFCLI_NATIVE_INT8=1` or set_int8(True) turns it on."""
+    return _int8 and available()
+
+
+def set_int8(on: bool) -> None:
+    global _int8
+    _int8 = bool(on)
+
+
+def has_vnni() -> bool:
+    """Whether the int8 kernels run on AVX512-VNNI (vpdpbusd); elsewhere they are portable loops."""
+    lib = _library()
+    return lib is not None and bool(lib.dn_has_vnni())
+
+
+def _q8(kind: str, *qts: QTensor) -> str:
+    """The entry-point infix for bf16 activations (kind "_bf16") and these weights: "_q8" when
+    int8() and every one has a Q8 type. fp32 activations never take it (f32 mode stays exact)."""
+    return "_q8" if _int8 and kind == "_bf16" and all(q.qtype in Q8_TYPES for q in qts) else ""
+
+
 def block_info(qtype: str) -> tuple[int, int]:
     """(values, bytes) per block of `qtype` as the loaded library knows them."""
     lib = _library()
@@ -231,13 +271,13 @@ def _act(x: torch.Tensor) -> tuple[torch.Tensor, str]:
 
 def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [..., K] @ qt[N, K].T -> [..., N] in out_dtype (default x.dtype); accumulates in fp32.
-    bf16 x: products of bf16-rounded operands (see has_bf16)."""
+    bf16 x: products of bf16-rounded operands (see has_bf16), or int8 ones (see int8)."""
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features, {qt.name or 'weight'} expects {K}")
     raw, (xk, kind) = _raw(qt), _act(x.reshape(-1, K))    # xk [T, K]
     y = torch.empty(xk.shape[0], N, dtype=torch.float32)  # [T, N]
-    _call("dn_qmatmul" + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
+    _call("dn_qmatmul" + _q8(kind, qt) + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
           y.data_ptr())
     return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
 
@@ -256,11 +296,26 @@ def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     return y
 
 
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 rounding of the int8 kernels (see int8): x [T, K] (K a multiple of 32) ->
+    (xq [T, K] int8, dx [T, K / 32] fp32, sx [T, K / 32] fp32) with x ~ dx * xq per group of 32
+    values, dx = max|x| / 127, xq = round-half-even(x * (127 / max|x|)), sx = dx * sum(xq)."""
+    xk = _f32(x)
+    if xk.dim() != 2 or xk.shape[1] % 32:
+        raise ValueError(f"quantize_q8: x must be [T, K] with K a multiple of 32, got {list(x.shape)}")
+    T, K = xk.shape
+    xq = torch.empty(T, K, dtype=torch.int8)
+    dx, sx = torch.empty(T, K // 32), torch.empty(T, K // 32)
+    _call("dn_quantize_q8", xk.data_ptr(), T, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
+    return xq, dx, sx
+
+
 def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
         weights: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Routed experts, semantics of ops.moe_experts: x [T, K], gate_up [E, 2F, K], down [E, K, F],
     ids / weights [T, A] -> [T, K] in out_dtype (default x.dtype). bf16 x: the expert input and
-    gelu(gate) * up are bf16 operands of the matmuls (fp32 accumulation, fp32 sum over experts)."""
+    gelu(gate) * up are bf16 operands of the matmuls (fp32 accumulation, fp32 sum over experts),
+    or with int8() both are rounded to int8 instead (gelu(gate) * up from fp32)."""
     E, F2, K = gate_up.shape
     F = F2 // 2
     if tuple(down.shape) != (E, K, F) or x.shape[-1] != K or ids.shape != weights.shape \
@@ -271,7 +326,7 @@ def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
     idx = ids.detach().to(torch.int64).contiguous()                   # [T, A]
     w = _f32(weights)                                                 # [T, A]
     out = torch.empty(xk.shape, dtype=torch.float32)                  # [T, K]
-    _call("dn_moe" + kind, xk.data_ptr(), xk.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
+    _call("dn_moe" + _q8(kind, gate_up, down) + kind, xk.data_ptr(), xk.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
           _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
           idx.shape[1], out.data_ptr())
     return out.to(out_dtype or x.dtype)

@@ -1,5 +1,6 @@
 // Routed experts on quantized expert tensors (dn_moe, and dn_moe_bf16 for bf16 activations:
-// the expert input and the gelu(gate)*up product are bf16, the matmuls accumulate in fp32).
+// the expert input and the gelu(gate)*up product are bf16, the matmuls accumulate in fp32;
+// dn_moe_q8 / dn_moe_q8_bf16: both rounded to int8 instead, for the int8 kernels of q8.cpp).
 //
 // Legend: T tokens, K hidden, E experts, F expert width, A active experts per token, n tokens
 // routed to one expert.
@@ -16,6 +17,7 @@
 
 #include "blocks.h"
 #include "gemm.h"
+#include "q8.h"
 
 namespace {
 
@@ -69,61 +71,126 @@ inline int gemm_x(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int
     return dn::gemm_bf16(x, T, K, w, q, N, y);
 }
 
-template <typename X>
-int moe(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
-        const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
-        const float* weights, int64_t A, float* out) {
+// (token, weight) pairs grouped by expert, tokens ascending within an expert: expert e owns
+// positions [start[e], start[e + 1]) of tok / wsel.
+struct Routing {
+    std::vector<int64_t> start, tok;
+    std::vector<float> wsel;
+    int64_t nmax = 0;
+    Routing(const int64_t* ids, const float* weights, int64_t T, int64_t A, int64_t E)
+        : start(E + 1, 0), tok(T * A), wsel(T * A) {
+        for (int64_t i = 0; i < T * A; ++i) ++start[ids[i] + 1];
+        for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+        std::vector<int64_t> fill(start.begin(), start.end() - 1);
+        for (int64_t i = 0; i < T * A; ++i) {
+            const int64_t p = fill[ids[i]]++;
+            tok[p] = i / A;
+            wsel[p] = weights[i];
+        }
+        for (int64_t e = 0; e < E; ++e) nmax = std::max(nmax, start[e + 1] - start[e]);
+    }
+};
+
+// The argument checks both variants share; DN_OK when the call can go ahead.
+int check(int64_t T, int64_t K, int gu_qtype, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+          int64_t A) {
     if (dn::block_info(gu_qtype).elems == 0 || dn::block_info(down_qtype).elems == 0) return DN_E_QTYPE;
     const int64_t gu_row = dn::row_bytes(gu_qtype, K), down_row = dn::row_bytes(down_qtype, F);
     if (T < 0 || K <= 0 || E <= 0 || F <= 0 || A < 0 || gu_row < 0 || down_row < 0) return DN_E_SHAPE;
     for (int64_t i = 0; i < T * A; ++i)
         if (ids[i] < 0 || ids[i] >= E) return DN_E_EXPERT;
+    return DN_OK;
+}
 
-    // (token, weight) pairs grouped by expert, tokens ascending within an expert.
-    std::vector<int64_t> start(E + 1, 0), tok(T * A);
-    std::vector<float> wsel(T * A);
-    for (int64_t i = 0; i < T * A; ++i) ++start[ids[i] + 1];
-    for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < T * A; ++i) {
-        const int64_t p = fill[ids[i]]++;
-        tok[p] = i / A;
-        wsel[p] = weights[i];
+// h[i] = gelu_tanh(gate) * up for the n rows gu[i] = [gate | up] (F each).
+template <typename H>
+void gelu_rows(const float* gu, int64_t n, int64_t F, H* h) {
+#pragma omp parallel for schedule(static) if (n * F > 16384)
+    for (int64_t i = 0; i < n; ++i) {
+        const float* g = gu + i * 2 * F;
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        alignas(64) float v[16];
+        for (; j + 16 <= F; j += 16) {
+            _mm512_store_ps(v, gelu_mul16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(g + F + j)));
+            for (int l = 0; l < 16; ++l) put(v[l], &h[i * F + j + l]);
+        }
+#endif
+        for (; j < F; ++j) put(gelu_tanh(g[j]) * g[F + j], &h[i * F + j]);
     }
-    int64_t nmax = 0;
-    for (int64_t e = 0; e < E; ++e) nmax = std::max(nmax, start[e + 1] - start[e]);
+}
 
+// out[tok[i]] += w[i] * ys[i] for an expert's n rows (its tokens are distinct).
+void add_weighted(const float* ys, int64_t n, int64_t K, const int64_t* tok, const float* w, float* out) {
+#pragma omp parallel for schedule(static) if (n * K > 16384)
+    for (int64_t i = 0; i < n; ++i) {
+        float* o = out + tok[i] * K;
+        const float wv = w[i];
+        const float* yv = ys + i * K;
+        for (int64_t j = 0; j < K; ++j) o[j] += yv[j] * wv;
+    }
+}
+
+template <typename X>
+int moe(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+        const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+        const float* weights, int64_t A, float* out) {
+    if (int rc = check(T, K, gu_qtype, down_qtype, E, F, ids, A)) return rc;
+    const int64_t gu_row = dn::row_bytes(gu_qtype, K), down_row = dn::row_bytes(down_qtype, F);
+    const Routing rt(ids, weights, T, A, E);
+    const int64_t nmax = rt.nmax;
     std::vector<X> xs(nmax * K), h(nmax * F);
     std::vector<float> gu(nmax * 2 * F), ys(nmax * K);
     memset(out, 0, (size_t)(T * K) * sizeof(float));
     for (int64_t e = 0; e < E; ++e) {
-        const int64_t n = start[e + 1] - start[e], s0 = start[e];
+        const int64_t n = rt.start[e + 1] - rt.start[e], s0 = rt.start[e];
         if (n == 0) continue;
-        for (int64_t i = 0; i < n; ++i) memcpy(&xs[i * K], x + tok[s0 + i] * K, (size_t)K * sizeof(X));
+        for (int64_t i = 0; i < n; ++i) memcpy(&xs[i * K], x + rt.tok[s0 + i] * K, (size_t)K * sizeof(X));
         int rc = gemm_x(xs.data(), n, K, gate_up + e * 2 * F * gu_row, gu_qtype, 2 * F, gu.data());
         if (rc) return rc;
-#pragma omp parallel for schedule(static) if (n * F > 16384)
-        for (int64_t i = 0; i < n; ++i) {             // gu[i] = [gate | up]
-            const float* g = &gu[i * 2 * F];
-            int64_t j = 0;
-#if defined(__AVX512F__)
-            alignas(64) float v[16];
-            for (; j + 16 <= F; j += 16) {
-                _mm512_store_ps(v, gelu_mul16(_mm512_loadu_ps(g + j), _mm512_loadu_ps(g + F + j)));
-                for (int l = 0; l < 16; ++l) put(v[l], &h[i * F + j + l]);
-            }
-#endif
-            for (; j < F; ++j) put(gelu_tanh(g[j]) * g[F + j], &h[i * F + j]);
-        }
+        gelu_rows(gu.data(), n, F, h.data());
         rc = gemm_x(h.data(), n, F, down + e * K * down_row, down_qtype, K, ys.data());
         if (rc) return rc;
-#pragma omp parallel for schedule(static) if (n * K > 16384)
-        for (int64_t i = 0; i < n; ++i) {             // tokens are distinct within an expert
-            float* o = out + tok[s0 + i] * K;
-            const float wv = wsel[s0 + i];
-            const float* yv = &ys[i * K];
-            for (int64_t j = 0; j < K; ++j) o[j] += yv[j] * wv;
+        add_weighted(ys.data(), n, K, &rt.tok[s0], &rt.wsel[s0], out);
+    }
+    return DN_OK;
+}
+
+// The same with int8 products (q8.cpp): x is quantized once per token, gelu(gate) * up once per
+// (expert, token), from fp32.
+template <typename X>
+int moe_q8(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+           const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+           const float* weights, int64_t A, float* out) {
+    if (int rc = check(T, K, gu_qtype, down_qtype, E, F, ids, A)) return rc;
+    if (!dn::q8_type(gu_qtype) || !dn::q8_type(down_qtype)) return DN_E_QTYPE;
+    if (K % dn::Q8_GROUP || F % dn::Q8_GROUP) return DN_E_SHAPE;
+    const int64_t gu_row = dn::row_bytes(gu_qtype, K), down_row = dn::row_bytes(down_qtype, F);
+    const int64_t kg = K / dn::Q8_GROUP, fg = F / dn::Q8_GROUP;
+    const Routing rt(ids, weights, T, A, E);
+    const int64_t nmax = rt.nmax;
+    std::vector<int8_t> xq(T * K), xs(nmax * K), hq(nmax * F);
+    std::vector<float> dx(T * kg), sx(T * kg), dxs(nmax * kg), sxs(nmax * kg), dh(nmax * fg), sh(nmax * fg);
+    std::vector<float> gu(nmax * 2 * F), h(nmax * F), ys(nmax * K);
+    dn::quantize_rows(x, T, K, xq.data(), dx.data(), sx.data());
+    memset(out, 0, (size_t)(T * K) * sizeof(float));
+    for (int64_t e = 0; e < E; ++e) {
+        const int64_t n = rt.start[e + 1] - rt.start[e], s0 = rt.start[e];
+        if (n == 0) continue;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = rt.tok[s0 + i];
+            memcpy(&xs[i * K], &xq[t * K], (size_t)K);
+            memcpy(&dxs[i * kg], &dx[t * kg], (size_t)kg * sizeof(float));
+            memcpy(&sxs[i * kg], &sx[t * kg], (size_t)kg * sizeof(float));
         }
+        int rc = dn::gemm_q8(xs.data(), dxs.data(), sxs.data(), n, K, gate_up + e * 2 * F * gu_row, gu_qtype,
+                             2 * F, gu.data());
+        if (rc) return rc;
+        gelu_rows(gu.data(), n, F, h.data());
+        dn::quantize_rows(h.data(), n, F, hq.data(), dh.data(), sh.data());
+        rc = dn::gemm_q8(hq.data(), dh.data(), sh.data(), n, F, down + e * K * down_row, down_qtype, K, ys.data());
+        if (rc) return rc;
+        add_weighted(ys.data(), n, K, &rt.tok[s0], &rt.wsel[s0], out);
     }
     return DN_OK;
 }
@@ -140,4 +207,16 @@ DN_API int dn_moe_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* g
                        const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
                        const float* weights, int64_t A, float* out) {
     return moe(x, T, K, gate_up, gu_qtype, down, down_qtype, E, F, ids, weights, A, out);
+}
+
+DN_API int dn_moe_q8(const float* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                     const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                     const float* weights, int64_t A, float* out) {
+    return moe_q8(x, T, K, gate_up, gu_qtype, down, down_qtype, E, F, ids, weights, A, out);
+}
+
+DN_API int dn_moe_q8_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
+                          const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
+                          const float* weights, int64_t A, float* out) {
+    return moe_q8(x, T, K, gate_up, gu_qtype, down, down_qtype, E, F, ids, weights, A, out);
 }

@@ -1,0 +1,212 @@
+"""The int8 kernels (kernels/native/q8.cpp: dn_qmatmul_q8, dn_moe_q8, dn_quantize_q8) on every
+SIMD build this CPU can run (AVX512-VNNI where -march=native has it, the portable loops in the
+x86-64 baseline and AVX2 builds).
+
+The oracle has two parts, both independent of the kernels:
+- the activations' int8 rounding, replicated in numpy fp32 (the same IEEE operations: 127 / max|x|,
+  x * that, round half to even; dx = max|x| / 127): the kernel's xq, dx and sx must be equal to it;
+- the product of those rounded activations x^ = dx * xq with the weights dequantized by gguf-py,
+  in float64. The kernel sums exact integer dot products per group of 32 and adds, per group,
+  two fp32 terms (dx * dl) * isum and ml * sx, so it is within 2 gamma(K / 32 + 4) of
+  |x^| @ M^T, M the magnitude of those terms per weight: |dl u| + |ml| (Q4_K: tests/_bounds.py's
+  decode_magnitude; Q5_0 / Q8_0: |d| (|u| + offset) with u = w / d + offset, offset 16 / 128).
+A third check ties the result to the unrounded x: |y - x @ W^T| <= sum_k |x - x^| |W| plus that
+fp32 slack, with |x - x^| <= dx / 2 (the cost of int8, as the note in q8.cpp says).
+"""
+import numpy as np
+import pytest
+import torch
+
+from diffcli.compute import native, ops
+from diffcli.compute.backend import set_backend
+from diffcli.gguf.qtensor import QTensor
+
+from _bounds import decode_magnitude, gamma
+from _native_builds import lib  # noqa: F401 (the fixture)
+from _qblocks import random_blocks, reference
+
+Q8 = ["Q4_K", "Q5_0", "Q8_0"]
+OFFSET = {"Q5_0": 16.0, "Q8_0": 128.0}
+
+
+@pytest.fixture
+def int8(lib):
+    native.set_int8(True)
+    set_backend("native")
+    yield
+    native.set_int8(False)
+    set_backend(None)
+
+
+def quantize_ref(x: np.ndarray):
+    """(xq int8 [T, K], dx [T, G], sx [T, G]) as q8.cpp rounds x, in numpy fp32."""
+    T, K = x.shape
+    g = x.astype(np.float32).reshape(T, K // 32, 32)
+    amax = np.abs(g).max(-1)
+    safe = np.where(amax > 0, amax, np.float32(1))
+    inv = np.where(amax > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    xq = np.rint(g * inv[..., None]).astype(np.int8)
+    dx = (amax / np.float32(127)).astype(np.float32)
+    sx = (dx * xq.astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+    return xq.reshape(T, K), dx, sx
+
+
+def dequantized_x(xq: np.ndarray, dx: np.ndarray) -> torch.Tensor:
+    T, K = xq.shape
+    v = xq.reshape(T, K // 32, 32).astype(np.float64) * dx[..., None].astype(np.float64)
+    return torch.from_numpy(v.reshape(T, K))
+
+
+def weights(qtype, shape, rng):
+    raw = random_blocks(qtype, shape, rng, scale=0.05)
+    return QTensor(torch.from_numpy(raw), qtype, tuple(shape), qtype), reference(raw, qtype, shape).double()
+
+
+def magnitude(qt: QTensor, w: torch.Tensor) -> torch.Tensor:
+    """M [N, K]: |dl u| + |ml| per weight, the size of the fp32 terms the kernel adds for it."""
+    N, K = qt.shape
+    if qt.qtype == "Q4_K":
+        return decode_magnitude(qt.raw, "Q4_K", (N, K), w)
+    size = {"Q5_0": 22, "Q8_0": 34}[qt.qtype]
+    d = qt.raw.reshape(-1, size)[:, 0:2].contiguous().view(torch.float16).double()   # [B, 1]
+    d = d.repeat_interleave(32, dim=1).reshape(N, K)
+    off = OFFSET[qt.qtype]
+    u = torch.where(d != 0, w / torch.where(d != 0, d, torch.ones_like(d)) + off, torch.zeros_like(d))
+    return d.abs() * (u.abs() + off)
+
+
+def rows(T, K, rng):
+    """Activations with the cases the rounding must handle: an all-zero group, a group of one
+    value, negative maxima, a wide range of magnitudes."""
+    x = (rng.standard_normal((T, K)) * np.exp(rng.uniform(-3, 3, (T, 1)))).astype(np.float32)
+    x[0, :32] = 0.0
+    if K >= 64:
+        x[-1, 32:64] = 0.0
+        x[-1, 40] = -7.5
+    return x
+
+
+def test_quantize_matches_numpy(lib):
+    rng = np.random.default_rng(1)
+    x = rows(9, 320, rng)
+    for xx in (torch.from_numpy(x), torch.from_numpy(x).bfloat16()):
+        xq, dx, sx = native.quantize_q8(xx)
+        want = quantize_ref(xx.float().numpy())
+        assert torch.equal(xq, torch.from_numpy(want[0]))
+        assert torch.equal(dx, torch.from_numpy(want[1])) and torch.equal(sx, torch.from_numpy(want[2]))
+    assert xq.abs().max() == 127 and (xq[0, :32] == 0).all() and dx[0, 0] == 0
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.quantize_q8(torch.zeros(2, 48))
+
+
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q5_0", 96), ("Q8_0", 288), ("Q5_0", 704)])
+@pytest.mark.parametrize("T", [1, 13, 37, 256])
+def test_qmatmul_q8(int8, qtype, K, T):
+    rng = np.random.default_rng(7 * T + K)
+    qt, w = weights(qtype, (37, K), rng)                               # N = 37: a partial tile
+    x = torch.from_numpy(rows(T, K, rng)).bfloat16()
+    y = native.qmatmul(x, qt, out_dtype=torch.float32)
+    xq, dx, _ = quantize_ref(x.float().numpy())
+    xh = dequantized_x(xq, dx)
+    exact = xh @ w.T
+    slack = 2 * gamma(K // 32 + 4) * (xh.abs() @ magnitude(qt, w).T) + 1e-30
+    err = (y.double() - exact).abs()
+    assert (err <= slack).all(), f"max error {err.max():.3e} (slack {slack.max():.3e})"
+    # against the unrounded activations: within the int8 rounding, dx / 2 per value
+    half = torch.from_numpy(np.repeat(dx.astype(np.float64) / 2, 32, axis=1))
+    cost = half @ w.abs().T
+    assert ((y.double() - x.double() @ w.T).abs() <= cost + slack).all()
+    assert torch.equal(ops.qlinear(x, qt), y.bfloat16())              # ops dispatches here
+
+
+def test_int8_is_for_bf16_activations_and_q8_types(int8):
+    """f32 activations keep the exact fp32 kernels; a type the int8 kernels lack (Q6_K) keeps
+    the bf16 one; the switch turns it all back."""
+    rng = np.random.default_rng(3)
+    q4, _ = weights("Q4_K", (20, 256), rng)
+    q6, _ = weights("Q6_K", (20, 256), rng)
+    x = torch.from_numpy(rows(5, 256, rng))
+    on = [native.qmatmul(x, q4), native.qmatmul(x.bfloat16(), q4, out_dtype=torch.float32),
+          native.qmatmul(x.bfloat16(), q6, out_dtype=torch.float32)]
+    native.set_int8(False)
+    off = [native.qmatmul(x, q4), native.qmatmul(x.bfloat16(), q4, out_dtype=torch.float32),
+           native.qmatmul(x.bfloat16(), q6, out_dtype=torch.float32)]
+    assert torch.equal(on[0], off[0]) and torch.equal(on[2], off[2])
+    assert not torch.equal(on[1], off[1])                             # int8 products, not bf16
+    assert not native.int8()
+
+
+def _routing(T, A, E, used, gen):
+    experts = torch.randperm(E, generator=gen)[:used]                   # the other experts idle
+    ids = torch.stack([experts[torch.randperm(used, generator=gen)[:A]] for _ in range(T)])
+    w = torch.rand(T, A, generator=gen) + 0.1
+    return ids, w / w.sum(-1, keepdim=True) * 1.3
+
+
+@pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q5_0", 96), ("Q8_0", "Q8_0", 64),
+                                               ("Q4_K", "Q8_0", 704)])
+@pytest.mark.parametrize("T", [1, 37])
+def test_moe_q8(int8, gu_type, dn_type, F, T):
+    """x rounded to int8 once per token, gelu(gate) * up once per (expert, token) from fp32. The
+    reference rounds the same two operands the same way (h from float64, rounded to fp32 first);
+    near a rounding step of h the two can pick neighbouring int8 values, so the bound is relative
+    to the output's norm (one step moves an output by dx / 127 of |D|, far below 1e-4 here)."""
+    E, A, K = 8, 3, 256
+    rng = np.random.default_rng(11 + T)
+    gen = torch.Generator().manual_seed(11 + T)
+    gu, gu_w = weights(gu_type, (E, 2 * F, K), rng)
+    dn, dn_w = weights(dn_type, (E, K, F), rng)
+    x = torch.from_numpy(rows(T, K, rng)).bfloat16()
+    ids, w = _routing(T, A, E, used=6, gen=gen)
+    y = native.moe(x, gu, dn, ids, w, out_dtype=torch.float32)
+    xq, dx, _ = quantize_ref(x.float().numpy())
+    xh = dequantized_x(xq, dx)
+    ref = torch.zeros(T, K, dtype=torch.float64)
+    for t in range(T):
+        for a in range(A):
+            e = int(ids[t, a])
+            g, u = (xh[t] @ gu_w[e].T).chunk(2)
+            h = (torch.nn.functional.gelu(g, approximate="tanh") * u).float().numpy()[None]
+            hq, dh, _ = quantize_ref(h)
+            ref[t] += w[t, a].double() * (dequantized_x(hq, dh)[0] @ dn_w[e].T)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-4, f"relative error {err:.2e}"
+    assert torch.equal(ops.moe_experts(x, gu, dn, ids, w), y.bfloat16())   # ops dispatches here
+    native.set_int8(False)
+    assert not torch.equal(native.moe(x, gu, dn, ids, w, out_dtype=torch.float32), y)
+
+
+def test_q8_results_do_not_depend_on_threads(int8):
+    rng = np.random.default_rng(5)
+    gen = torch.Generator().manual_seed(5)
+    gu, _ = weights("Q4_K", (4, 192, 256), rng)
+    dn, _ = weights("Q5_0", (4, 256, 96), rng)
+    x = torch.from_numpy(rows(50, 256, rng)).bfloat16()
+    ids, w = _routing(50, 2, 4, used=4, gen=gen)
+    before = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got.append((native.qmatmul(x, gu[0], out_dtype=torch.float32), native.moe(x, gu, dn, ids, w)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in got[1:]:
+        assert torch.equal(a, got[0][0]) and torch.equal(b, got[0][1])
+
+
+def test_q8_entry_points_refuse_other_types(lib):
+    """The C side checks the type itself (Python never routes Q6_K there)."""
+    rng = np.random.default_rng(2)
+    raw = torch.from_numpy(random_blocks("Q6_K", (16, 256), rng))
+    x, y = torch.zeros(2, 256), torch.empty(2, 16)
+    assert native._library().dn_qmatmul_q8(x.data_ptr(), 2, 256, raw.data_ptr(), 14, 16, y.data_ptr()) == -1
+    assert native._library().dn_q8_supports(12) == 1 and native._library().dn_q8_supports(14) == 0
+
+
+def test_vnni_follows_the_cpu(lib):
+    """The AVX512-VNNI kernels are compiled in exactly where -march=native saw the instructions;
+    the x86-64 baseline and AVX2 builds run the portable loops (and are checked above as well)."""
+    from _native_builds import cpu_flags
+    has = {"avx512_vnni", "avx512bw"} <= cpu_flags() and native.simd() == "avx512"
+    assert native.has_vnni() == has
