@@ -318,7 +318,7 @@ def real_worker(a) -> dict:
             "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
             "prefill_ms": prefill_ms, "prefill_tok_s": a.prompt_len / (prefill_ms / 1e3),
             "load_s": load_s, "rss_after_warmup_mib": rss_warm, "peak_rss_mib": peak_rss_mib(),
-            "simd": native.simd(), "bf16_dot": native.has_bf16(), "amx": native.amx(), "threads": torch.get_num_threads(),
+            "simd": native.simd(), "bf16_dot": native.has_bf16(), "amx": native.amx(), "int8": native.int8(), "threads": torch.get_num_threads(),
             "fused_head": bool(model.use_fused_head)}
 
 
@@ -410,8 +410,11 @@ def real_main(a) -> int:
         dtype = dtype if variant == "default" else f"{dtype}/{variant}"
         env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
         env.pop("DIFFCLI_BACKEND", None)
+        env.pop("DIFFCLI_NATIVE_INT8", None)
         if variant == "no-amx":
             env["DIFFCLI_NATIVE_AMX"] = "0"       # the AVX512-BF16 kernels on an AMX machine
+        elif variant == "int8":
+            env["DIFFCLI_NATIVE_INT8"] = "1"      # int8 products where the weight types allow
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             results[dtype] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -484,7 +487,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="f32,f32/dense-embedding,bf16,bf16/unfused",
                    help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
                         "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
-                        "unfused: torch vocabulary side with fp32 [C, V] buffers; no-amx: DIFFCLI_NATIVE_AMX=0)")
+                        "unfused: torch vocabulary side with fp32 [C, V] buffers; no-amx: DIFFCLI_NATIVE_AMX=0; int8: "
+                        "DIFFCLI_NATIVE_INT8=1)")
     p.add_argument("--real-shapes", action="store_true",
                    help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
     p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")
