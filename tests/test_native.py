@@ -428,7 +428,8 @@ def test_draw_bf16_frequencies(lib):
 @pytest.mark.parametrize("qtype,K", [("Q6_K", 512), ("Q4_K", 768), ("Q8_0", 288), ("Q5_0", 96),
                                      ("F32", 100), ("BF16", 64),
                                      ("Q6_K", 1280)])   # 5 column slices: AMX groups of 3 and 2
-@pytest.mark.parametrize("T,N", [(1, 37), (13, 300), (256, 130)])
+@pytest.mark.parametrize("T,N", [(1, 37), (13, 300), (256, 130),
+                                 (5, 1100)])    # parts of 275 rows: chunks of 128 and a partial one
 def test_qmatmul_t(lib, qtype, K, T, N):
     """x [T, N] @ W [N, K] from W's blocks: against float64 with W dequantized by gguf-py (fp32
     products and sums: each output a sum of N terms split in 4 ordered parts of 64-row tiles ->

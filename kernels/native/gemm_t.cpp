@@ -15,8 +15,8 @@
 //
 // bf16 x where the build has AVX512-BF16 (and AMX is not in use): products of bf16 pairs
 // (vdpbf16ps, fp32 sums), W rounded to bf16 as on the AMX tiles. A task is (group of GS slices,
-// part): per chunk of NB rows, x's matching columns are read once as pairs (x[t][n], x[t][n+1]
-// are adjacent in x) into [NB/2][T], and each slice of the group decodes its NB rows into pairs
+// part): per chunk of NB2 rows, x's matching columns are read once as pairs (x[t][n], x[t][n+1]
+// are adjacent in x) into [NB2/2][T], and each slice of the group decodes its NB2 rows into pairs
 // along N (bf16.h's decode_pairs) and accumulates acc[T][KS] += xp^T . wv, MR2 rows x 32 columns
 // a register block. Grouping the slices reads x once per group rather than once per slice (x is
 // [C, V], 134 MB at the real vocabulary).
@@ -87,6 +87,10 @@ void block_upto(int m, int64_t nb, const float* xp, int64_t T, const float* w, i
 #if DN_AVX512BF16
 constexpr int MR2 = 12;     // 24 accumulators, two weight vectors and a broadcast of 32 zmm
 constexpr int64_t GS = 3;   // slices per task
+// Weight rows per chunk: the task's sums (GS x T x KS fp32, 768 KB at T = 256) are read and
+// written once per chunk, so a longer chunk halves that traffic; 128 took the real-shape product
+// from 1,346-1,395 to 1,202-1,259 ms on a Zen 4 (256 and 512: no better).
+constexpr int64_t NB2 = 128;
 
 // acc[M][KS] (row stride KS) += sum_i xp[i][M rows] . wv[i][columns < width], pairwise
 // (xp row stride T, wv lines of KS pairs).
@@ -145,7 +149,7 @@ int gemm_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int64
     std::vector<float> part((size_t)(PARTS * T * K));          // [PARTS][T][K] partial sums
 #pragma omp parallel if (tasks > 1)
     {
-        std::vector<uint32_t> wv((size_t)(NB / 2 * KS)), xp((size_t)(NB / 2 * T));
+        std::vector<uint32_t> wv((size_t)(NB2 / 2 * KS)), xp((size_t)(NB2 / 2 * T));
         std::vector<float> acc((size_t)(GS * T * KS));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; ++task) {
@@ -153,8 +157,8 @@ int gemm_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int64
             const int64_t s_lo = g * GS, s_hi = std::min(slices, s_lo + GS);
             const int64_t n_lo = std::min(N, p * per_part), n_hi = std::min(N, n_lo + per_part);
             std::fill(acc.begin(), acc.end(), 0.0f);
-            for (int64_t n0 = n_lo; n0 < n_hi; n0 += NB) {
-                const int64_t nb = std::min(NB, n_hi - n0), nb2 = (nb + 1) / 2;
+            for (int64_t n0 = n_lo; n0 < n_hi; n0 += NB2) {
+                const int64_t nb = std::min(NB2, n_hi - n0), nb2 = (nb + 1) / 2;
                 pack_pairs_t(x, T, N, n0, nb, xp.data());
                 for (int64_t s = s_lo; s < s_hi; ++s) {
                     const int64_t k0 = s * KS, ks = std::min(KS, K - k0), width = (ks + 31) / 32 * 32;

@@ -14,14 +14,14 @@
 // those terms; the test oracle computes exactly that.
 //
 // The weights are never decoded to floats: per tile of 16 rows and slice of 8 groups, the quants
-// are unpacked to bytes, transposed so one zmm holds a quad of each of the 16 rows, and reused by
-// every activation row (broadcast quads of x). The rounding of x to int8 is the price: a coarser
+// are unpacked to bytes, transposed so one zmm holds a quad of each of the 16 rows (Q4_K: straight
+// from the raw bytes, prepare_q4_k), and reused by every activation row (broadcast quads of x). The rounding of x to int8 is the price: a coarser
 // product than bf16's (relative error up to 1/254 of a group's largest value per element).
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "q8.h"
@@ -169,6 +169,10 @@ inline void unpack_q4_k(const uint8_t* b, uint8_t* u, float* dl, float* ml) {
 }
 
 // --- one tile: rows [n0, n0 + nr) of W, groups [g0, g0 + ng) ------------------------------------
+
+struct alignas(64) Sums {
+    float v[NR8];
+};
 
 struct Tile {
     alignas(64) uint8_t rows[NR8][SG * G];   // unpacked quants, row-major
@@ -395,8 +399,10 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, int64_t T, int64
         const int64_t tb = std::min(TB8, T - t0);
 #pragma omp parallel if (tiles > 1)
         {
-            Tile* tl = (Tile*)aligned_alloc(64, (sizeof(Tile) + 63) / 64 * 64);
-            float* acc = (float*)aligned_alloc(64, (size_t)(tb * NR8) * sizeof(float));
+            std::unique_ptr<Tile> tile(new Tile);                 // C++17: aligned new
+            std::vector<Sums> sums((size_t)tb);                    // [tb][16] partial sums
+            Tile* tl = tile.get();
+            float* acc = sums[0].v;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t i = 0; i < tiles; ++i) {
                 const int64_t n0 = i * NR8;
@@ -414,8 +420,6 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, int64_t T, int64
                 for (int64_t t = 0; t < tb; ++t)
                     memcpy(y + (t0 + t) * N + n0, acc + t * NR8, (size_t)nr * sizeof(float));
             }
-            free(acc);
-            free(tl);
         }
     }
     return DN_OK;
