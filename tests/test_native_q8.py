@@ -210,3 +210,57 @@ def test_vnni_follows_the_cpu(lib):
     from _native_builds import cpu_flags
     has = {"avx512_vnni", "avx512bw"} <= cpu_flags() and native.simd() == "avx512"
     assert native.has_vnni() == has
+
+
+def test_load_line_says_int8_for_bf16_only(int8):
+    from diffcli.compute import backend
+    assert backend.cpu_kernels(torch.bfloat16).endswith(" + int8")
+    assert "int8" not in backend.cpu_kernels(torch.float32)
+    native.set_int8(False)
+    assert "int8" not in backend.cpu_kernels(torch.bfloat16)
+
+
+def test_model_step_in_int8(lib, tmp_path):
+    """The tiny model (Q8_0) in bf16 mode with int8 on: every projection, expert and head call
+    goes to the int8 entry points, and the step's logits stay near f32 mode's. How near: int8
+    rounds each activation to 1/254 of its group's largest value, ~2-5x the noise of bf16's
+    8-bit mantissa on Gaussian-like rows (and keeps the weights exact where bf16 rounds them), so
+    the int8 step is within 4x the bf16 step's own distance from f32 (measured: 2.3x); a wrong
+    scale or a dropped group lands at O(1)."""
+    pytest.importorskip("transformers")            # make_tiny_gguf builds the model with it
+    import collections
+
+    import diffcli
+    from diffcli.testing import make_tiny_gguf
+    path, _ = make_tiny_gguf(tmp_path / "tiny-q8.gguf", outtype="q8_0", seed=0)
+    set_backend("native")
+    try:
+        prompt = torch.tensor([2] + list(range(10, 21)))
+        f32 = diffcli.load(path, device="cpu", dtype=torch.float32)
+        canvas = torch.randint(0, f32.config.vocab_size, (f32.config.canvas_length,),
+                               generator=torch.Generator().manual_seed(1))
+        ref = f32.denoise(f32.encode(prompt), canvas)
+        model = diffcli.load(path, device="cpu", dtype=torch.bfloat16)
+        bf16 = model.denoise(model.encode(prompt), canvas).float()
+        calls, call = collections.Counter(), native._call
+
+        def spy(name, *args):
+            calls[name] += 1
+            call(name, *args)
+
+        native.set_int8(True)
+        native._call = spy
+        try:
+            q8 = model.denoise(model.encode(prompt), canvas).float()
+        finally:
+            native._call = call
+        assert model.cpu_kernels.endswith(" + int8")
+    finally:
+        native.set_int8(False)
+        set_backend(None)
+    n_layer = model.config.n_layer
+    # the step's layers and the encoder's but its last (whose MLP nothing reads: only its K, V)
+    assert calls["dn_moe_q8_bf16"] == 2 * n_layer - 1
+    assert calls["dn_qmatmul_q8_bf16"] > 0 and calls["dn_qmatmul_bf16"] == 0 and calls["dn_moe_bf16"] == 0
+    distance = lambda x: ((x - ref).norm() / ref.norm()).item()    # noqa: E731
+    assert distance(q8) < 4 * distance(bf16), (distance(q8), distance(bf16))

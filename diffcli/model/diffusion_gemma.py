@@ -273,7 +273,7 @@ class DiffusionGemma:
     @property
     def cpu_kernels(self) -> str:
         """What multiplies the CPU-resident weights, for the load line (backend.cpu_kernels)."""
-        return cpu_kernels()
+        return cpu_kernels(self.dtype_on(torch.device("cpu")))
 
     @property
     def use_fused_head(self) -> bool:
