@@ -33,3 +33,12 @@ def reference(raw: np.ndarray, qtype: str, shape: tuple[int, ...]) -> torch.Tens
     rows = raw.reshape(-1, shape[-1] // per * bsize)
     out = dequantize(rows, GGMLQuantizationType[qtype])
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+
+
+def random_routing(T: int, A: int, E: int, used: int, gen: torch.Generator):
+    """(ids [T, A], weights [T, A]) for an MoE kernel test: each token picks A distinct experts out
+    of `used` (the other experts stay idle), weights positive and summing to 1.3 per token."""
+    experts = torch.randperm(E, generator=gen)[:used]
+    ids = torch.stack([experts[torch.randperm(used, generator=gen)[:A]] for _ in range(T)])
+    w = torch.rand(T, A, generator=gen) + 0.1
+    return ids, w / w.sum(-1, keepdim=True) * 1.3

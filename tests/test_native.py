@@ -28,6 +28,7 @@ from _bounds import decode_magnitude, matmul_bound, unit_roundoff
 from _native_builds import NO_AMX, lib  # noqa: F401 (the fixture)
 from _native_builds import cpu_flags as _cpu_flags
 from _qblocks import random_blocks, reference
+from _qblocks import random_routing as _routing
 
 QUANT_TYPES = ["Q8_0", "Q5_0", "Q4_K", "Q6_K"]
 FLOAT_TYPES = ["F32", "F16", "BF16"]
@@ -216,13 +217,6 @@ def test_moe_bf16(native_backend, gu_type, dn_type, F):
     assert err < 1e-3, f"relative error {err:.2e}"
     assert ops.moe_experts(x, gu, dn, ids, w).dtype == torch.bfloat16  # dispatches here in bf16
     assert torch.equal(ops.moe_experts(x, gu, dn, ids, w), y.bfloat16())
-
-
-def _routing(T, A, E, used, gen):
-    experts = torch.randperm(E, generator=gen)[:used]                   # the other experts idle
-    ids = torch.stack([experts[torch.randperm(used, generator=gen)[:A]] for _ in range(T)])
-    w = torch.rand(T, A, generator=gen) + 0.1
-    return ids, w / w.sum(-1, keepdim=True) * 1.3
 
 
 @pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q6_K", 256), ("Q8_0", "Q5_0", 96),

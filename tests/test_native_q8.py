@@ -24,6 +24,7 @@ from diffcli.gguf.qtensor import QTensor
 from _bounds import decode_magnitude, gamma
 from _native_builds import lib  # noqa: F401 (the fixture)
 from _qblocks import random_blocks, reference
+from _qblocks import random_routing as _routing
 
 Q8 = ["Q4_K", "Q5_0", "Q8_0"]
 OFFSET = {"Q5_0": 16.0, "Q8_0": 128.0}
@@ -134,13 +135,6 @@ def test_int8_is_for_bf16_activations_and_q8_types(int8):
     assert torch.equal(on[0], off[0]) and torch.equal(on[2], off[2])
     assert not torch.equal(on[1], off[1])                             # int8 products, not bf16
     assert not native.int8()
-
-
-def _routing(T, A, E, used, gen):
-    experts = torch.randperm(E, generator=gen)[:used]                   # the other experts idle
-    ids = torch.stack([experts[torch.randperm(used, generator=gen)[:A]] for _ in range(T)])
-    w = torch.rand(T, A, generator=gen) + 0.1
-    return ids, w / w.sum(-1, keepdim=True) * 1.3
 
 
 @pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q5_0", 96), ("Q8_0", "Q8_0", 64),
