@@ -180,7 +180,8 @@ def int8() -> bool:
     (Q8_TYPES): the activations are rounded to int8 per group of 32 values (scale max|x| / 127,
     as llama.cpp's Q8_0) and meet the weights' quants as integers, with fp32 sums. For bf16
     activations only: f32 mode keeps its exact fp32 products. Off by default;
-    `DIFFCLI_NATIVE_INT8=1` or set_int8(True) turns it on."""
+    `DIFFCLI_NATIVE_INT8=1` or set_int8(True) turns it on. The int8 kernels use AVX512-VNNI, not
+    AMX tiles: on a CPU with AMX the bf16 tile kernels are probably faster (not measured)."""
     return _int8 and available()
 
 
