@@ -238,6 +238,24 @@ def test_moe(native_backend, gu_type, dn_type, F, T):
     assert torch.equal(y, native.moe(x, gu, dn, ids, w))
 
 
+def test_moe_with_an_expert_listed_twice(native_backend):
+    """A token may name one expert twice (ops.moe_torch adds both); the native kernels then add
+    two rows into one output row, which must not race (64 tokens: the threaded path)."""
+    E, K, F, T = 4, 256, 96, 64
+    rng = np.random.default_rng(8)
+    gu, gu_ref = _weights("Q4_K", (E, 2 * F, K), rng)
+    dn, dn_ref = _weights("Q8_0", (E, K, F), rng)
+    x = torch.randn(T, K, generator=torch.Generator().manual_seed(8))
+    ids = torch.tensor([[t % E, t % E] for t in range(T)])
+    w = torch.full((T, 2), 0.6)
+    ref = ops.moe_torch(x.double(), gu_ref, dn_ref, ids, w.double())
+    runs = [(native.moe(x, gu, dn, ids, w), 1e-5),                    # as test_moe
+            (native.moe(x.bfloat16(), gu, dn, ids, w, out_dtype=torch.float32), 1e-2)]   # bf16 operands
+    for y, tol in runs:
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < tol, f"relative error {err:.2e}"
+
+
 def test_results_do_not_depend_on_threads(lib):
     rng = np.random.default_rng(3)
     gen = torch.Generator().manual_seed(3)

@@ -39,16 +39,24 @@ def int8(lib):
     set_backend(None)
 
 
+TINY = np.float32(127) / np.finfo(np.float32).max    # below it 127 / max|x| would overflow
+
+
 def quantize_ref(x: np.ndarray):
-    """(xq int8 [T, K], dx [T, G], sx [T, G]) as q8.cpp rounds x, in numpy fp32."""
+    """(xq int8 [T, K], dx [T, G], sx [T, G]) as q8.cpp rounds x, in numpy fp32: a group with
+    max|x| < TINY is zeros, one holding a NaN or an inf has xq = 0 and dx = sx = NaN."""
     T, K = x.shape
     g = x.astype(np.float32).reshape(T, K // 32, 32)
-    amax = np.abs(g).max(-1)
-    safe = np.where(amax > 0, amax, np.float32(1))
-    inv = np.where(amax > 0, np.float32(127) / safe, np.float32(0)).astype(np.float32)
+    finite = np.isfinite(g).all(-1)
+    g = np.where(np.isfinite(g), g, np.float32(0))        # those groups are zeros anyway
+    amax = np.where(finite, np.abs(g).max(-1), np.float32(0))
+    live = finite & (amax >= TINY)
+    safe = np.where(live, amax, np.float32(1))
+    inv = np.where(live, np.float32(127) / safe, np.float32(0)).astype(np.float32)
     xq = np.rint(g * inv[..., None]).astype(np.int8)
-    dx = (amax / np.float32(127)).astype(np.float32)
+    dx = np.where(live, amax / np.float32(127), np.float32(0)).astype(np.float32)
     sx = (dx * xq.astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+    dx[~finite], sx[~finite] = np.nan, np.nan
     return xq.reshape(T, K), dx, sx
 
 
@@ -96,6 +104,17 @@ def test_quantize_matches_numpy(lib):
         assert torch.equal(xq, torch.from_numpy(want[0]))
         assert torch.equal(dx, torch.from_numpy(want[1])) and torch.equal(sx, torch.from_numpy(want[2]))
     assert xq.abs().max() == 127 and (xq[0, :32] == 0).all() and dx[0, 0] == 0
+    # groups the rounding cannot scale: max|x| below 127 / FLT_MAX (zeros), a NaN, an inf
+    odd = np.ones((4, 64), np.float32)
+    odd[0, :32] = 1e-37
+    odd[1, 3], odd[2, 40], odd[3, 0] = np.nan, np.inf, -np.inf
+    got = native.quantize_q8(torch.from_numpy(odd))
+    want = quantize_ref(odd)
+    assert torch.equal(got[0], torch.from_numpy(want[0]))
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.equal(a.isnan(), torch.from_numpy(np.isnan(b)))
+        assert torch.equal(a.nan_to_num(), torch.from_numpy(np.nan_to_num(b)))
+    assert got[1][0, 0] == 0 and got[1][1, 0].isnan() and got[1][2, 1].isnan() and got[1][1, 1] == 1 / 127
     with pytest.raises(ValueError, match="multiple of 32"):
         native.quantize_q8(torch.zeros(2, 48))
 
@@ -118,6 +137,10 @@ def test_qmatmul_q8(int8, qtype, K, T):
     cost = half @ w.abs().T
     assert ((y.double() - x.double() @ w.T).abs() <= cost + slack).all()
     assert torch.equal(ops.qlinear(x, qt), y.bfloat16())              # ops dispatches here
+    bad = x.clone()
+    bad[0, K - 1] = float("nan")                                      # a NaN reaches every output
+    yb = native.qmatmul(bad, qt, out_dtype=torch.float32)
+    assert yb[0].isnan().all() and torch.equal(yb[1:], y[1:])
 
 
 def test_int8_is_for_bf16_activations_and_q8_types(int8):
@@ -202,7 +225,7 @@ def test_vnni_follows_the_cpu(lib):
     """The AVX512-VNNI kernels are compiled in exactly where -march=native saw the instructions;
     the x86-64 baseline and AVX2 builds run the portable loops (and are checked above as well)."""
     from _native_builds import cpu_flags
-    has = {"avx512_vnni", "avx512bw"} <= cpu_flags() and native.simd() == "avx512"
+    has = {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu_flags() and native.simd() == "avx512"
     assert native.has_vnni() == has
 
 

@@ -120,14 +120,21 @@ void gelu_rows(const float* gu, int64_t n, int64_t F, H* h) {
     }
 }
 
-// out[tok[i]] += w[i] * ys[i] for an expert's n rows (its tokens are distinct).
+// out[tok[i]] += w[i] * ys[i] for an expert's n rows, in row order. The threads split the columns,
+// not the rows: a caller may list one expert twice for a token, and two threads must never add
+// into the same output row.
 void add_weighted(const float* ys, int64_t n, int64_t K, const int64_t* tok, const float* w, float* out) {
+    constexpr int64_t CB = 256;
+    const int64_t blocks = (K + CB - 1) / CB;
 #pragma omp parallel for schedule(static) if (n * K > 16384)
-    for (int64_t i = 0; i < n; ++i) {
-        float* o = out + tok[i] * K;
-        const float wv = w[i];
-        const float* yv = ys + i * K;
-        for (int64_t j = 0; j < K; ++j) o[j] += yv[j] * wv;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t j0 = b * CB, j1 = std::min(K, j0 + CB);
+        for (int64_t i = 0; i < n; ++i) {
+            float* o = out + tok[i] * K;
+            const float wv = w[i];
+            const float* yv = ys + i * K;
+            for (int64_t j = j0; j < j1; ++j) o[j] += yv[j] * wv;
+        }
     }
 }
 

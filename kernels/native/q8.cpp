@@ -20,6 +20,9 @@
 #include <math.h>
 #include <string.h>
 
+#include <cmath>
+#include <limits>
+
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -29,7 +32,7 @@
 #include "blocks.h"
 #include "gemm.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define DN_VNNI 1
 #else
 #define DN_VNNI 0
@@ -49,6 +52,16 @@ constexpr int64_t TB8 = 512;   // activation rows per pass
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
+// A group whose largest |x| is below this (3.7e-37) is stored as zeros: 127 / max|x| would
+// overflow to inf. A group holding a NaN or an inf gets dx = sx = NaN (and xq = 0), so the
+// products it meets are NaN, as the bf16 and fp32 kernels' would be.
+constexpr float Q8_TINY = 127.0f / 3.40282347e38f;
+
+inline void special_group(int8_t* q, float& d, float& s, bool finite) {
+    memset(q, 0, G);
+    d = s = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+}
+
 #if DN_VNNI
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {   // bf16 bits -> fp32, exactly
@@ -60,12 +73,11 @@ inline __m512 load16(const uint16_t* p) {   // bf16 bits -> fp32, exactly
 template <typename X>
 inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     const __m512 v0 = load16(src), v1 = load16(src + 16);
+    const __m512i exp = _mm512_set1_epi32(0x7f800000);    // all exponent bits set: inf or NaN
+    const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v0), exp), exp) |
+                          _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v1), exp), exp);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    if (!(amax > 0.0f)) {
-        memset(q, 0, G);
-        d = s = 0.0f;
-        return;
-    }
+    if (bad || !(amax >= Q8_TINY)) return special_group(q, d, s, !bad);
     const __m512 id = _mm512_set1_ps(127.0f / amax);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
     _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
@@ -79,19 +91,18 @@ inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
 template <typename X>
 inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     float v[G], amax = 0.0f;
+    bool finite = true;
     for (int k = 0; k < G; ++k) {
         v[k] = to_f32(src[k]);
+        finite = finite && std::isfinite(v[k]);
         amax = std::max(amax, fabsf(v[k]));
     }
+    if (!finite || !(amax >= Q8_TINY)) return special_group(q, d, s, finite);
+    const float id = 127.0f / amax;
     int sum = 0;
-    if (amax > 0.0f) {
-        const float id = 127.0f / amax;
-        for (int k = 0; k < G; ++k) {
-            q[k] = (int8_t)(int)nearbyintf(v[k] * id);   // |v * id| <= 127 (rounded)
-            sum += q[k];
-        }
-    } else {
-        memset(q, 0, G);
+    for (int k = 0; k < G; ++k) {
+        q[k] = (int8_t)(int)nearbyintf(v[k] * id);   // |v * id| <= 127 (rounded)
+        sum += q[k];
     }
     d = amax / 127.0f;
     s = d * (float)sum;
