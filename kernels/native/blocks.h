@@ -123,18 +123,23 @@ inline void dequant_q5_0(const uint8_t* b, float* y) {
 //   byte 8..11 : MMMMSSSS  (low 4 bits of m and sc of sub-block 4..7)
 // qs is four 32-byte chunks; chunk c: low nibbles = sub-block 2c, high nibbles = sub-block 2c+1.
 // value = (d*sc) * q - (dmin*m)
-inline void dequant_q4_k(const uint8_t* b, float* y) {
+// The eight sub-blocks' scales dl = d*sc and mins ml = dmin*m of the Q4_K block at b.
+inline void q4_k_scales(const uint8_t* b, float* dl, float* ml) {
     const float d = f16_to_f32(load_u16(b));
     const float dmin = f16_to_f32(load_u16(b + 2));
     const uint8_t* s = b + 4;
-    const uint8_t* qs = b + 16;
-    float dl[8], ml[8];
     for (int i = 0; i < 4; ++i) {
         dl[i] = d * (float)(s[i] & 63);
         ml[i] = dmin * (float)(s[i + 4] & 63);
         dl[i + 4] = d * (float)((s[i + 8] & 15) | ((s[i] >> 6) << 4));
         ml[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
     }
+}
+
+inline void dequant_q4_k(const uint8_t* b, float* y) {
+    const uint8_t* qs = b + 16;
+    float dl[8], ml[8];
+    q4_k_scales(b, dl, ml);
     for (int c = 0; c < 4; ++c, qs += 32, y += 64) {
 #if DN_AVX2
         const __m256 d0 = _mm256_set1_ps(dl[2 * c]), m0 = _mm256_set1_ps(ml[2 * c]);

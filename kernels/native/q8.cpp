@@ -15,8 +15,9 @@
 //
 // The weights are never decoded to floats: per tile of 16 rows and slice of 8 groups, the quants
 // are unpacked to bytes, transposed so one zmm holds a quad of each of the 16 rows (Q4_K: straight
-// from the raw bytes, prepare_q4_k), and reused by every activation row (broadcast quads of x). The rounding of x to int8 is the price: a coarser
-// product than bf16's (relative error up to 1/254 of a group's largest value per element).
+// from the raw bytes, prepare_q4_k), and reused by every activation row (broadcast quads of x).
+// The rounding of x to int8 is the price: a coarser product than bf16's (relative error up to
+// 1/254 of a group's largest value per element).
 #include <math.h>
 #include <string.h>
 
@@ -85,9 +86,7 @@ inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     d = amax / 127.0f;
     s = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
 }
-#endif
-
-#if !DN_VNNI
+#else
 template <typename X>
 inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     float v[G], amax = 0.0f;
@@ -156,15 +155,8 @@ inline void unpack_q5_0(const uint8_t* b, uint8_t* u, float& dl, float& ml) {
 
 // All eight groups of a Q4_K block: u[256], dl[8], ml[8] (the products as dequant_q4_k forms them).
 inline void unpack_q4_k(const uint8_t* b, uint8_t* u, float* dl, float* ml) {
-    const float d = f16_to_f32(load_u16(b)), dmin = f16_to_f32(load_u16(b + 2));
-    const uint8_t* s = b + 4;
     const uint8_t* qs = b + 16;
-    for (int i = 0; i < 4; ++i) {
-        dl[i] = d * (float)(s[i] & 63);
-        ml[i] = dmin * (float)(s[i + 4] & 63);
-        dl[i + 4] = d * (float)((s[i + 8] & 15) | ((s[i] >> 6) << 4));
-        ml[i + 4] = dmin * (float)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
-    }
+    q4_k_scales(b, dl, ml);
     for (int c = 0; c < 4; ++c, qs += 32, u += 64) {
 #if DN_AVX2
         const __m256i raw = _mm256_loadu_si256((const __m256i*)qs), nib = _mm256_set1_epi8(0x0f);
