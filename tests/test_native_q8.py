@@ -231,10 +231,11 @@ def test_vnni_follows_the_cpu(lib):
 
 def test_load_line_says_int8_for_bf16_only(int8):
     from diffcli.compute import backend
-    assert backend.cpu_kernels(torch.bfloat16).endswith(" + int8")
-    assert "int8" not in backend.cpu_kernels(torch.float32)
+    assert backend.cpu_kernels(torch.bfloat16, {"Q4_K", "Q6_K"}).endswith(" + int8")
+    assert "int8" not in backend.cpu_kernels(torch.float32, {"Q4_K"})
+    assert "int8" not in backend.cpu_kernels(torch.bfloat16, {"F32", "Q6_K"})   # no weight it takes
     native.set_int8(False)
-    assert "int8" not in backend.cpu_kernels(torch.bfloat16)
+    assert "int8" not in backend.cpu_kernels(torch.bfloat16, {"Q4_K"})
 
 
 def test_model_step_in_int8(lib, tmp_path):

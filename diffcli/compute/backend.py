@@ -91,11 +91,11 @@ def cpu_has_bf16() -> bool:
     return native.has_bf16()
 
 
-def cpu_kernels(dtype: torch.dtype | None = None) -> str:
+def cpu_kernels(dtype: torch.dtype | None = None, qtypes=()) -> str:
     """What multiplies the quantized weights on the CPU, for the load line: "native avx512 + AMX",
-    "native avx512 bf16", "native avx2", ..., "+ int8" appended where native.int8() and the
-    activations are bf16 (`dtype`; int8 products are for bf16 mode only), or "torch" (no native
-    library, or DIFFCLI_BACKEND)."""
+    "native avx512 bf16", "native avx2", ..., "+ int8" appended where native.int8(), the
+    activations are bf16 (`dtype`; int8 products are for bf16 mode only) and some weight type in
+    `qtypes` has int8 kernels (native.Q8_TYPES), or "torch" (no native library, or DIFFCLI_BACKEND)."""
     if backend_for("cpu") != "native":
         return "torch"
     kind = f"native {native.simd()}"
@@ -103,7 +103,8 @@ def cpu_kernels(dtype: torch.dtype | None = None) -> str:
         kind += " + AMX"
     elif native.has_bf16():
         kind += " bf16"
-    return kind + " + int8" if native.int8() and dtype == torch.bfloat16 else kind
+    int8 = native.int8() and dtype == torch.bfloat16 and any(q in native.Q8_TYPES for q in qtypes)
+    return kind + " + int8" if int8 else kind
 
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

@@ -273,7 +273,8 @@ class DiffusionGemma:
     @property
     def cpu_kernels(self) -> str:
         """What multiplies the CPU-resident weights, for the load line (backend.cpu_kernels)."""
-        return cpu_kernels(self.dtype_on(torch.device("cpu")))
+        qtypes = {t.qtype for _, t in self.w.tensors() if isinstance(t, QTensor) and t.device.type == "cpu"}
+        return cpu_kernels(self.dtype_on(torch.device("cpu")), qtypes)
 
     @property
     def use_fused_head(self) -> bool:
