@@ -4,12 +4,14 @@ x86-64 baseline and AVX2 builds).
 
 The oracle has two parts, both independent of the kernels:
 - the activations' int8 rounding, replicated in numpy fp32 (the same IEEE operations: 127 / max|x|,
-  x * that, round half to even; dx = max|x| / 127): the kernel's xq, dx and sx must be equal to it;
+  x * that, round half to even; dx = max|x| / 127): the kernel's xq, dx and sums (sx, or the
+  integer zx) must be equal to it;
 - the product of those rounded activations x^ = dx * xq with the weights dequantized by gguf-py,
-  in float64. The kernel sums exact integer dot products per group of 32 and adds, per group,
-  two fp32 terms (dx * dl) * isum and ml * sx, so it is within 2 gamma(K / 32 + 4) of
-  |x^| @ M^T, M the magnitude of those terms per weight: |dl u| + |ml| (Q4_K: tests/_bounds.py's
-  decode_magnitude; Q5_0 / Q8_0: |d| (|u| + offset) with u = w / d + offset, offset 16 / 128).
+  in float64. The kernel sums exact integer dot products per group of 32 (Q6_K: per half of 16)
+  and adds a few fp32 terms per group, so it is within 2 gamma(K / 32 + 4) of |x^| @ M^T, M the
+  magnitude of those terms per weight. Q4_K adds (dx * dl) * isum and ml * sx: M = |dl u| + |ml|
+  (tests/_bounds.py's decode_magnitude). Q5_0, Q8_0 and Q6_K, whose offset is a whole number of
+  scales, keep it in the integers (the sum starts at zx) and add dx * dl * (signed sum): M = |w|.
 A third check ties the result to the unrounded x: |y - x @ W^T| <= sum_k |x - x^| |W| plus that
 fp32 slack, with |x - x^| <= dx / 2 (the cost of int8, as the note in q8.cpp says).
 """
@@ -26,8 +28,8 @@ from _native_builds import lib  # noqa: F401 (the fixture)
 from _qblocks import random_blocks, reference
 from _qblocks import random_routing as _routing
 
-Q8 = ["Q4_K", "Q5_0", "Q8_0"]
-OFFSET = {"Q5_0": 16.0, "Q8_0": 128.0}
+Q8 = ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]
+OFFSET = {"Q5_0": 16, "Q8_0": 128, "Q6_K": 32}         # in whole scales
 
 
 @pytest.fixture
@@ -42,9 +44,11 @@ def int8(lib):
 TINY = np.float32(127) / np.finfo(np.float32).max    # below it 127 / max|x| would overflow
 
 
-def quantize_ref(x: np.ndarray):
-    """(xq int8 [T, K], dx [T, G], sx [T, G]) as q8.cpp rounds x, in numpy fp32: a group with
-    max|x| < TINY is zeros, one holding a NaN or an inf has xq = 0 and dx = sx = NaN."""
+def quantize_ref(x: np.ndarray, qtype: str = "Q4_K"):
+    """(xq int8 [T, K], dx [T, K / 32], sums) as q8.cpp rounds x for weights of qtype, in numpy
+    fp32: sums = sx = dx * sum(xq) per group for Q4_K, zx = -offset * sum(xq) int32 per 32 values
+    (per 16 for Q6_K) for the others. A group with max|x| < TINY is zeros, one holding a NaN or
+    an inf has xq = zx = 0 and dx = sx = NaN."""
     T, K = x.shape
     g = x.astype(np.float32).reshape(T, K // 32, 32)
     finite = np.isfinite(g).all(-1)
@@ -55,9 +59,14 @@ def quantize_ref(x: np.ndarray):
     inv = np.where(live, np.float32(127) / safe, np.float32(0)).astype(np.float32)
     xq = np.rint(g * inv[..., None]).astype(np.int8)
     dx = np.where(live, amax / np.float32(127), np.float32(0)).astype(np.float32)
-    sx = (dx * xq.astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
-    dx[~finite], sx[~finite] = np.nan, np.nan
-    return xq.reshape(T, K), dx, sx
+    if qtype == "Q4_K":
+        sx = (dx * xq.astype(np.int32).sum(-1).astype(np.float32)).astype(np.float32)
+        dx[~finite], sx[~finite] = np.nan, np.nan
+        return xq.reshape(T, K), dx, sx
+    sub = 16 if qtype == "Q6_K" else 32
+    zx = -OFFSET[qtype] * xq.astype(np.int32).reshape(T, K // 32, 32 // sub, sub).sum(-1)
+    dx[~finite] = np.nan
+    return xq.reshape(T, K), dx, zx.reshape(T, K // sub).astype(np.int32)
 
 
 def dequantized_x(xq: np.ndarray, dx: np.ndarray) -> torch.Tensor:
@@ -72,16 +81,11 @@ def weights(qtype, shape, rng):
 
 
 def magnitude(qt: QTensor, w: torch.Tensor) -> torch.Tensor:
-    """M [N, K]: |dl u| + |ml| per weight, the size of the fp32 terms the kernel adds for it."""
-    N, K = qt.shape
+    """M [N, K]: the size of the fp32 terms the kernel adds per weight: |dl u| + |ml| for Q4_K,
+    |w| for the types whose offset stays in the integers."""
     if qt.qtype == "Q4_K":
-        return decode_magnitude(qt.raw, "Q4_K", (N, K), w)
-    size = {"Q5_0": 22, "Q8_0": 34}[qt.qtype]
-    d = qt.raw.reshape(-1, size)[:, 0:2].contiguous().view(torch.float16).double()   # [B, 1]
-    d = d.repeat_interleave(32, dim=1).reshape(N, K)
-    off = OFFSET[qt.qtype]
-    u = torch.where(d != 0, w / torch.where(d != 0, d, torch.ones_like(d)) + off, torch.zeros_like(d))
-    return d.abs() * (u.abs() + off)
+        return decode_magnitude(qt.raw, "Q4_K", tuple(qt.shape), w)
+    return w.abs()
 
 
 def rows(T, K, rng):
@@ -99,27 +103,34 @@ def test_quantize_matches_numpy(lib):
     rng = np.random.default_rng(1)
     x = rows(9, 320, rng)
     for xx in (torch.from_numpy(x), torch.from_numpy(x).bfloat16()):
-        xq, dx, sx = native.quantize_q8(xx)
-        want = quantize_ref(xx.float().numpy())
-        assert torch.equal(xq, torch.from_numpy(want[0]))
-        assert torch.equal(dx, torch.from_numpy(want[1])) and torch.equal(sx, torch.from_numpy(want[2]))
+        for qtype in Q8:
+            xq, dx, sums = native.quantize_q8(xx, qtype)
+            want = quantize_ref(xx.float().numpy(), qtype)
+            assert torch.equal(xq, torch.from_numpy(want[0])) and torch.equal(dx, torch.from_numpy(want[1]))
+            assert torch.equal(sums, torch.from_numpy(want[2])), qtype
+    assert sums.dtype == torch.int32 and sums.shape == (9, 10)               # Q8_0: per 32
+    assert native.quantize_q8(xx, "Q6_K")[2].shape == (9, 20)                # Q6_K: per 16
     assert xq.abs().max() == 127 and (xq[0, :32] == 0).all() and dx[0, 0] == 0
     # groups the rounding cannot scale: max|x| below 127 / FLT_MAX (zeros), a NaN, an inf
     odd = np.ones((4, 64), np.float32)
     odd[0, :32] = 1e-37
     odd[1, 3], odd[2, 40], odd[3, 0] = np.nan, np.inf, -np.inf
-    got = native.quantize_q8(torch.from_numpy(odd))
-    want = quantize_ref(odd)
-    assert torch.equal(got[0], torch.from_numpy(want[0]))
-    for a, b in zip(got[1:], want[1:]):
-        assert torch.equal(a.isnan(), torch.from_numpy(np.isnan(b)))
-        assert torch.equal(a.nan_to_num(), torch.from_numpy(np.nan_to_num(b)))
-    assert got[1][0, 0] == 0 and got[1][1, 0].isnan() and got[1][2, 1].isnan() and got[1][1, 1] == 1 / 127
+    for qtype in ("Q4_K", "Q6_K"):
+        got = native.quantize_q8(torch.from_numpy(odd), qtype)
+        want = quantize_ref(odd, qtype)
+        assert torch.equal(got[0], torch.from_numpy(want[0]))
+        for a, b in zip(got[1:], want[1:]):
+            assert torch.equal(a.isnan(), torch.from_numpy(np.isnan(b)))
+            assert torch.equal(a.nan_to_num(), torch.from_numpy(np.nan_to_num(b)))
+        assert got[1][0, 0] == 0 and got[1][1, 0].isnan() and got[1][2, 1].isnan() and got[1][1, 1] == 1 / 127
     with pytest.raises(ValueError, match="multiple of 32"):
         native.quantize_q8(torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="F16 has no int8 kernels"):
+        native.quantize_q8(torch.zeros(2, 64), "F16")
 
 
-@pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q5_0", 96), ("Q8_0", 288), ("Q5_0", 704)])
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q5_0", 96), ("Q8_0", 288), ("Q5_0", 704),
+                                     ("Q6_K", 256), ("Q6_K", 768)])
 @pytest.mark.parametrize("T", [1, 13, 37, 256])
 def test_qmatmul_q8(int8, qtype, K, T):
     rng = np.random.default_rng(7 * T + K)
@@ -144,24 +155,29 @@ def test_qmatmul_q8(int8, qtype, K, T):
 
 
 def test_int8_is_for_bf16_activations_and_q8_types(int8):
-    """f32 activations keep the exact fp32 kernels; a type the int8 kernels lack (Q6_K) keeps
+    """f32 activations keep the exact fp32 kernels; a type the int8 kernels lack (F16) keeps
     the bf16 one; the switch turns it all back."""
     rng = np.random.default_rng(3)
     q4, _ = weights("Q4_K", (20, 256), rng)
     q6, _ = weights("Q6_K", (20, 256), rng)
+    f16 = QTensor(torch.randn(20, 256).half().view(torch.uint8).reshape(-1), "F16", (20, 256), "F16")
     x = torch.from_numpy(rows(5, 256, rng))
-    on = [native.qmatmul(x, q4), native.qmatmul(x.bfloat16(), q4, out_dtype=torch.float32),
-          native.qmatmul(x.bfloat16(), q6, out_dtype=torch.float32)]
+    xb = x.bfloat16()
+
+    def run():
+        return [native.qmatmul(x, q4), native.qmatmul(xb, f16, out_dtype=torch.float32),
+                native.qmatmul(xb, q4, out_dtype=torch.float32), native.qmatmul(xb, q6, out_dtype=torch.float32)]
+    on = run()
     native.set_int8(False)
-    off = [native.qmatmul(x, q4), native.qmatmul(x.bfloat16(), q4, out_dtype=torch.float32),
-           native.qmatmul(x.bfloat16(), q6, out_dtype=torch.float32)]
-    assert torch.equal(on[0], off[0]) and torch.equal(on[2], off[2])
-    assert not torch.equal(on[1], off[1])                             # int8 products, not bf16
+    off = run()
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    assert not torch.equal(on[2], off[2]) and not torch.equal(on[3], off[3])   # int8 products, not bf16
     assert not native.int8()
 
 
 @pytest.mark.parametrize("gu_type,dn_type,F", [("Q4_K", "Q5_0", 96), ("Q8_0", "Q8_0", 64),
-                                               ("Q4_K", "Q8_0", 704)])
+                                               ("Q4_K", "Q8_0", 704), ("Q6_K", "Q6_K", 256),
+                                               ("Q5_0", "Q6_K", 512)])
 @pytest.mark.parametrize("T", [1, 37])
 def test_moe_q8(int8, gu_type, dn_type, F, T):
     """x rounded to int8 once per token, gelu(gate) * up once per (expert, token) from fp32. The
@@ -213,12 +229,16 @@ def test_q8_results_do_not_depend_on_threads(int8):
 
 
 def test_q8_entry_points_refuse_other_types(lib):
-    """The C side checks the type itself (Python never routes Q6_K there)."""
-    rng = np.random.default_rng(2)
-    raw = torch.from_numpy(random_blocks("Q6_K", (16, 256), rng))
+    """The C side checks the type itself (Python never routes F16 or BF16 there)."""
+    raw = torch.zeros(16 * 256, dtype=torch.float16)
     x, y = torch.zeros(2, 256), torch.empty(2, 16)
-    assert native._library().dn_qmatmul_q8(x.data_ptr(), 2, 256, raw.data_ptr(), 14, 16, y.data_ptr()) == -1
-    assert native._library().dn_q8_supports(12) == 1 and native._library().dn_q8_supports(14) == 0
+    lib_ = native._library()
+    assert lib_.dn_qmatmul_q8(x.data_ptr(), 2, 256, raw.data_ptr(), 1, 16, y.data_ptr()) == -1
+    assert [lib_.dn_q8_supports(native.QTYPE_IDS[q]) for q in native.QTYPE_IDS] == \
+        [q in native.Q8_TYPES for q in native.QTYPE_IDS]
+    assert lib_.dn_q8_supports(14) == 1 and lib_.dn_q8_supports(1) == 0 and lib_.dn_q8_supports(30) == 0
+    xq, dx, sx = torch.empty(2, 256, dtype=torch.int8), torch.empty(2, 8), torch.empty(2, 16)
+    assert lib_.dn_quantize_q8(x.data_ptr(), 2, 256, 1, xq.data_ptr(), dx.data_ptr(), sx.data_ptr(), None) == -1
 
 
 def test_vnni_follows_the_cpu(lib):
@@ -233,7 +253,8 @@ def test_load_line_says_int8_for_bf16_only(int8):
     from diffcli.compute import backend
     assert backend.cpu_kernels(torch.bfloat16, {"Q4_K", "Q6_K"}).endswith(" + int8")
     assert "int8" not in backend.cpu_kernels(torch.float32, {"Q4_K"})
-    assert "int8" not in backend.cpu_kernels(torch.bfloat16, {"F32", "Q6_K"})   # no weight it takes
+    assert backend.cpu_kernels(torch.bfloat16, {"F32", "Q6_K"}).endswith(" + int8")
+    assert "int8" not in backend.cpu_kernels(torch.bfloat16, {"F32", "F16"})   # no weight it takes
     native.set_int8(False)
     assert "int8" not in backend.cpu_kernels(torch.bfloat16, {"Q4_K"})
 

@@ -20,7 +20,7 @@ import torch
 
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 5   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 6   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -92,7 +92,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_q8_supports.restype = i32
     lib.dn_qmatmul_q8.argtypes = lib.dn_qmatmul_q8_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_q8.argtypes = lib.dn_moe_q8_bf16.argtypes = lib.dn_moe.argtypes
-    lib.dn_quantize_q8.argtypes = [ptr, i64, i64, ptr, ptr, ptr]
+    lib.dn_quantize_q8.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr]
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
                lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
                lib.dn_quantize_q8):
@@ -169,16 +169,17 @@ def set_amx(on: bool) -> None:
         lib.dn_set_amx(1 if on else 0)
 
 
-# Weight types of the int8 kernels (dn_*_q8): per group of 32 values an unsigned quant with one scale
-# and one offset, used as integers.
-Q8_TYPES = ("Q4_K", "Q5_0", "Q8_0")
+# Weight types of the int8 kernels (dn_*_q8): per group of 32 values (Q6_K: of 16) an unsigned quant
+# with one scale and one offset, used as integers.
+Q8_TYPES = ("Q4_K", "Q5_0", "Q6_K", "Q8_0")
 _int8 = os.environ.get("DIFFCLI_NATIVE_INT8", "0").strip().lower() in ("1", "on", "yes", "true")
 
 
 def int8() -> bool:
     """Whether qmatmul and moe multiply with int8 products where the weight types allow it
     (Q8_TYPES): the activations are rounded to int8 per group of 32 values (scale max|x| / 127,
-    as llama.cpp's Q8_0) and meet the weights' quants as integers, with fp32 sums. For bf16
+    as llama.cpp's Q8_0) and meet the weights' quants as integers (Q6_K's per half group, one
+    scale per 16 values), with fp32 sums. For bf16
     activations only: f32 mode keeps its exact fp32 products. Off by default;
     `DIFFCLI_NATIVE_INT8=1` or set_int8(True) turns it on. The int8 kernels use AVX512-VNNI, not
     AMX tiles: on a CPU with AMX the bf16 tile kernels are probably faster (not measured)."""
@@ -297,18 +298,29 @@ def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     return y
 
 
-def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The int8 rounding of the int8 kernels (see int8): x [T, K] (K a multiple of 32) ->
-    (xq [T, K] int8, dx [T, K / 32] fp32, sx [T, K / 32] fp32) with x ~ dx * xq per group of 32
-    values, dx = max|x| / 127, xq = round-half-even(x * (127 / max|x|)), sx = dx * sum(xq)."""
+def quantize_q8(x: torch.Tensor, qtype: str = "Q4_K") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 rounding of the int8 kernels (see int8) for weights of `qtype` (Q8_TYPES):
+    x [T, K] (K a multiple of 32) -> (xq [T, K] int8, dx [T, K / 32] fp32, sums) with x ~ dx * xq
+    per group of 32 values, dx = max|x| / 127, xq = round-half-even(x * (127 / max|x|)); sums
+    for Q4_K sx = dx * sum(xq) per group (fp32 [T, K / 32]), for the others zx = -o * sum(xq)
+    (int32 [T, K / 16] for Q6_K, [T, K / 32] else) with o their offset in whole scales (Q5_0 16,
+    Q8_0 128, Q6_K 32), where the kernels' integer dot products start."""
     xk = _f32(x)
     if xk.dim() != 2 or xk.shape[1] % 32:
         raise ValueError(f"quantize_q8: x must be [T, K] with K a multiple of 32, got {list(x.shape)}")
+    if qtype not in Q8_TYPES:
+        raise ValueError(f"quantize_q8: {qtype} has no int8 kernels (they take {', '.join(Q8_TYPES)})")
     T, K = xk.shape
     xq = torch.empty(T, K, dtype=torch.int8)
-    dx, sx = torch.empty(T, K // 32), torch.empty(T, K // 32)
-    _call("dn_quantize_q8", xk.data_ptr(), T, K, xq.data_ptr(), dx.data_ptr(), sx.data_ptr())
-    return xq, dx, sx
+    dx = torch.empty(T, K // 32)
+    if qtype == "Q4_K":
+        sums = torch.empty(T, K // 32)
+        sx, zx = sums.data_ptr(), None
+    else:
+        sums = torch.empty(T, K // (16 if qtype == "Q6_K" else 32), dtype=torch.int32)
+        sx, zx = None, sums.data_ptr()
+    _call("dn_quantize_q8", xk.data_ptr(), T, K, QTYPE_IDS[qtype], xq.data_ptr(), dx.data_ptr(), sx, zx)
+    return xq, dx, sums
 
 
 def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,

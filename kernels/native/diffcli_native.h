@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 5
+#define DN_ABI_VERSION 6
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -103,17 +103,22 @@ DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, 
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
                              int64_t K, float* y);
 
-// Int8 products on the quantized blocks (q8.cpp), for weights of Q4_K, Q5_0 or Q8_0
+// Int8 products on the quantized blocks (q8.cpp), for weights of Q4_K, Q5_0, Q6_K or Q8_0
 // (dn_q8_supports; DN_E_QTYPE for the others): x is rounded to int8 per row and group of 32
 // values, xq = round-half-even(x * 127 / max|x|) with dx = max|x| / 127 (as llama.cpp's Q8_0),
-// and meets the weights' quants as integers (exact int32 dot products per group), the group
-// scales applied in fp32. AVX512-VNNI (vpdpbusd) where dn_has_vnni(), portable loops elsewhere.
+// and meets the weights' quants as integers (exact int32 dot products per group, or per half of
+// 16 for Q6_K, whose scales are per 16), the scales applied in fp32. AVX512-VNNI (vpdpbusd) where
+// dn_has_vnni(), portable loops elsewhere.
 // K (and F for dn_moe_q8) are multiples of 32, as these types' rows are. dn_moe_q8 rounds x once
 // per token and gelu(gate) * up once per (expert, token) from fp32; the rest as dn_moe.
 DN_API int dn_has_vnni(void);
 DN_API int dn_q8_supports(int qtype);
-// xq [T, K] int8, dx and sx = dx * sum(xq) [T, K / 32] fp32: the rounding the kernels apply.
-DN_API int dn_quantize_q8(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* sx);
+// The rounding the kernels apply for weights of type qtype: xq [T, K] int8, dx [T, K / 32] fp32,
+// and for Q4_K sx = dx * sum(xq) per group [T, K / 32] fp32 (zx untouched), for the others
+// zx = -o * sum(xq) [T, K / 16 (Q6_K) or K / 32] int32 (sx untouched), o = 16 (Q5_0), 128 (Q8_0),
+// 32 (Q6_K): their offset in whole scales, which the integer dot products start from.
+DN_API int dn_quantize_q8(const float* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
+                          int32_t* zx);
 DN_API int dn_qmatmul_q8(const float* x, int64_t T, int64_t K, const uint8_t* w, int qtype, int64_t N,
                          float* y);
 DN_API int dn_qmatmul_q8_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* w, int qtype,

@@ -173,13 +173,16 @@ int moe_q8(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtyp
     if (!dn::q8_type(gu_qtype) || !dn::q8_type(down_qtype)) return DN_E_QTYPE;
     if (K % dn::Q8_GROUP || F % dn::Q8_GROUP) return DN_E_SHAPE;
     const int64_t gu_row = dn::row_bytes(gu_qtype, K), down_row = dn::row_bytes(down_qtype, F);
-    const int64_t kg = K / dn::Q8_GROUP, fg = F / dn::Q8_GROUP;
+    // per row: kg scales and kf / ki float / int sums of x (rounded for gate_up), fg, ff, fi of h
+    const int64_t kg = K / dn::Q8_GROUP, kf = dn::q8_float_sums(gu_qtype, K), ki = dn::q8_int_sums(gu_qtype, K);
+    const int64_t fg = F / dn::Q8_GROUP, ff = dn::q8_float_sums(down_qtype, F), fi = dn::q8_int_sums(down_qtype, F);
     const Routing rt(ids, weights, T, A, E);
     const int64_t nmax = rt.nmax;
     std::vector<int8_t> xq(T * K), xs(nmax * K), hq(nmax * F);
-    std::vector<float> dx(T * kg), sx(T * kg), dxs(nmax * kg), sxs(nmax * kg), dh(nmax * fg), sh(nmax * fg);
+    std::vector<float> dx(T * kg), sx(T * kf), dxs(nmax * kg), sxs(nmax * kf), dh(nmax * fg), sh(nmax * ff);
+    std::vector<int32_t> zx(T * ki), zxs(nmax * ki), zh(nmax * fi);
     std::vector<float> gu(nmax * 2 * F), h(nmax * F), ys(nmax * K);
-    dn::quantize_rows(x, T, K, xq.data(), dx.data(), sx.data());
+    dn::quantize_rows(x, T, K, gu_qtype, xq.data(), dx.data(), sx.data(), zx.data());
     memset(out, 0, (size_t)(T * K) * sizeof(float));
     for (int64_t e = 0; e < E; ++e) {
         const int64_t n = rt.start[e + 1] - rt.start[e], s0 = rt.start[e];
@@ -188,14 +191,16 @@ int moe_q8(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtyp
             const int64_t t = rt.tok[s0 + i];
             memcpy(&xs[i * K], &xq[t * K], (size_t)K);
             memcpy(&dxs[i * kg], &dx[t * kg], (size_t)kg * sizeof(float));
-            memcpy(&sxs[i * kg], &sx[t * kg], (size_t)kg * sizeof(float));
+            if (kf) memcpy(&sxs[i * kf], &sx[t * kf], (size_t)kf * sizeof(float));
+            if (ki) memcpy(&zxs[i * ki], &zx[t * ki], (size_t)ki * sizeof(int32_t));
         }
-        int rc = dn::gemm_q8(xs.data(), dxs.data(), sxs.data(), n, K, gate_up + e * 2 * F * gu_row, gu_qtype,
-                             2 * F, gu.data());
+        int rc = dn::gemm_q8(xs.data(), dxs.data(), sxs.data(), zxs.data(), n, K, gate_up + e * 2 * F * gu_row,
+                             gu_qtype, 2 * F, gu.data());
         if (rc) return rc;
         gelu_rows(gu.data(), n, F, h.data());
-        dn::quantize_rows(h.data(), n, F, hq.data(), dh.data(), sh.data());
-        rc = dn::gemm_q8(hq.data(), dh.data(), sh.data(), n, F, down + e * K * down_row, down_qtype, K, ys.data());
+        dn::quantize_rows(h.data(), n, F, down_qtype, hq.data(), dh.data(), sh.data(), zh.data());
+        rc = dn::gemm_q8(hq.data(), dh.data(), sh.data(), zh.data(), n, F, down + e * K * down_row, down_qtype, K,
+                         ys.data());
         if (rc) return rc;
         add_weighted(ys.data(), n, K, &rt.tok[s0], &rt.wsel[s0], out);
     }

@@ -7,11 +7,17 @@
 // x[t][k] ~ dx[t][g] * xq[t][k] with dx = max|x| / 127 and xq = round-to-even(x * 127 / max|x|).
 // Every supported weight type is, per group of 32, an unsigned integer u with one scale and one
 // offset:  w = dl * u - ml  (Q4_K: u the 4-bit quant, dl = d*sc, ml = dmin*m; Q5_0: u the 5-bit
-// quant, dl = d, ml = 16 d; Q8_0: u = q + 128, dl = d, ml = 128 d). So a group's contribution is
+// quant, dl = d, ml = 16 d; Q8_0: u = q + 128, dl = d, ml = 128 d). Q6_K has a scale per 16
+// values, so its groups are halves of 16 (u the 6-bit quant, dl = d*sc, ml = 32 d*sc), two per
+// group of x. So a weight group's contribution is
 //   sum_k w[k] x[k] = dx * (dl * sum_k u[k] xq[k]) - ml * (dx * sum_k xq[k]),
 // an exact integer dot product (vpdpbusd: uint8 x int8, four products into each int32 lane) and
-// two float terms. The result equals float64(dequantized W) @ (dx * xq) up to fp32 rounding of
-// those terms; the test oracle computes exactly that.
+// float terms. Where the offset is a whole number o of scales (ml = o dl: Q5_0, Q8_0, Q6_K) it
+// stays in the integers: the dot product starts from zx = -o * sum_k xq[k], computed with x,
+// and the group adds dx * dl * (sum_k (u[k] - o) xq[k]), one float term from the exact signed
+// sum. Q4_K's ml is not, so it adds ml * sx with sx = dx * sum_k xq[k]. The result equals
+// float64(dequantized W) @ (dx * xq) up to fp32 rounding of those terms; the test oracle
+// computes exactly that.
 //
 // The weights are never decoded to floats: per tile of 16 rows and slice of 8 groups, the quants
 // are unpacked to bytes, transposed so one zmm holds a quad of each of the 16 rows (Q4_K: straight
@@ -47,6 +53,7 @@ constexpr int NR8 = 16;        // weight rows per tile: one int32 lane each
 constexpr int MR8 = 8;         // activation rows per register block
 constexpr int64_t SG = 8;      // groups per slice (256 values of K)
 constexpr int64_t TB8 = 512;   // activation rows per pass
+constexpr int HMAX = 2;        // weight groups per group of x, at most (Q6_K's halves of 16)
 
 // --- activations ---------------------------------------------------------------------------------
 
@@ -54,13 +61,37 @@ inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
 // A group whose largest |x| is below this (3.7e-37) is stored as zeros: 127 / max|x| would
-// overflow to inf. A group holding a NaN or an inf gets dx = sx = NaN (and xq = 0), so the
+// overflow to inf. A group holding a NaN or an inf gets dx = sx = NaN (and xq = zx = 0), so the
 // products it meets are NaN, as the bf16 and fp32 kernels' would be.
 constexpr float Q8_TINY = 127.0f / 3.40282347e38f;
 
-inline void special_group(int8_t* q, float& d, float& s, bool finite) {
+// Where one group's sums go: Q4_K's float sx = dx * sum (one per group), or the int32
+// zx = -off * sum per `sub` values (16 or 32) for the types whose offset is `off` scales.
+struct GroupSums {
+    float* sx;
+    int32_t* zx;
+    int off, sub;
+
+    void store(float d, int32_t lo, int32_t hi) const {
+        if (!zx) {
+            sx[0] = d * (float)(lo + hi);
+        } else if (sub == G) {
+            zx[0] = -off * (lo + hi);
+        } else {
+            zx[0] = -off * lo;
+            zx[1] = -off * hi;
+        }
+    }
+    void special(float d) const {
+        if (!zx) sx[0] = d;
+        else zx[0] = zx[sub == G ? 0 : 1] = 0;
+    }
+};
+
+inline void special_group(int8_t* q, float& d, const GroupSums& s, bool finite) {
     memset(q, 0, G);
-    d = s = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+    d = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+    s.special(d);
 }
 
 #if DN_VNNI
@@ -72,7 +103,7 @@ inline __m512 load16(const uint16_t* p) {   // bf16 bits -> fp32, exactly
 // One group of 32 values, the scalar loop's operations in 16 lanes (the same roundings: 127 / amax
 // and x * that in fp32, then round half to even as nearbyintf in the default rounding mode).
 template <typename X>
-inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
+inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s) {
     const __m512 v0 = load16(src), v1 = load16(src + 16);
     const __m512i exp = _mm512_set1_epi32(0x7f800000);    // all exponent bits set: inf or NaN
     const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v0), exp), exp) |
@@ -84,11 +115,11 @@ inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
     _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(q1));
     d = amax / 127.0f;
-    s = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    s.store(d, _mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
 }
 #else
 template <typename X>
-inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
+inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s) {
     float v[G], amax = 0.0f;
     bool finite = true;
     for (int k = 0; k < G; ++k) {
@@ -98,29 +129,35 @@ inline void quantize_group(const X* src, int8_t* q, float& d, float& s) {
     }
     if (!finite || !(amax >= Q8_TINY)) return special_group(q, d, s, finite);
     const float id = 127.0f / amax;
-    int sum = 0;
+    int sum[2] = {0, 0};
     for (int k = 0; k < G; ++k) {
         q[k] = (int8_t)(int)nearbyintf(v[k] * id);   // |v * id| <= 127 (rounded)
-        sum += q[k];
+        sum[k / 16] += q[k];
     }
     d = amax / 127.0f;
-    s = d * (float)sum;
+    s.store(d, sum[0], sum[1]);
 }
 #endif
 
-// Rows of x [T, K] (K a multiple of G) -> xq [T, K], dx and sx = dx * sum(xq) [T, K / G].
+// Rows of x [T, K] (K a multiple of G) -> xq [T, K], dx [T, K / G] and the sums qtype's kernel
+// needs (see q8.h's quantize_rows).
 template <typename X>
-void quantize_any(const X* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* sx) {
+void quantize_any(const X* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx, int32_t* zx) {
     const int64_t groups = K / G;
+    const int off = q8_offset(qtype), sub = q8_sub(qtype), h = G / sub;
 #pragma omp parallel for schedule(static) if (T * K > 65536)
     for (int64_t t = 0; t < T; ++t)
-        for (int64_t g = 0; g < groups; ++g)
-            quantize_group(x + t * K + g * G, xq + t * K + g * G, dx[t * groups + g], sx[t * groups + g]);
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t i = t * groups + g;
+            const GroupSums gs{off ? nullptr : sx + i, off ? zx + i * h : nullptr, off, sub};
+            quantize_group(x + t * K + g * G, xq + t * K + g * G, dx[i], gs);
+        }
 }
 
 // --- weights: one group of one row -> 32 unsigned bytes u, with w = dl * u - ml -----------------
+// (ml = q8_offset(qtype) * dl for all but Q4_K, so only Q4_K's unpacking returns it)
 
-inline void unpack_q8_0(const uint8_t* b, uint8_t* u, float& dl, float& ml) {
+inline void unpack_q8_0(const uint8_t* b, uint8_t* u, float& dl) {
     const float d = f16_to_f32(load_u16(b));
 #if DN_AVX2
     const __m256i q = _mm256_loadu_si256((const __m256i*)(b + 2));
@@ -129,10 +166,9 @@ inline void unpack_q8_0(const uint8_t* b, uint8_t* u, float& dl, float& ml) {
     for (int k = 0; k < 32; ++k) u[k] = (uint8_t)(b[2 + k] ^ 0x80);   // q + 128
 #endif
     dl = d;
-    ml = 128.0f * d;
 }
 
-inline void unpack_q5_0(const uint8_t* b, uint8_t* u, float& dl, float& ml) {
+inline void unpack_q5_0(const uint8_t* b, uint8_t* u, float& dl) {
     const float d = f16_to_f32(load_u16(b));
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
@@ -150,7 +186,6 @@ inline void unpack_q5_0(const uint8_t* b, uint8_t* u, float& dl, float& ml) {
     }
 #endif
     dl = d;
-    ml = 16.0f * d;
 }
 
 // All eight groups of a Q4_K block: u[256], dl[8], ml[8] (the products as dequant_q4_k forms them).
@@ -171,6 +206,42 @@ inline void unpack_q4_k(const uint8_t* b, uint8_t* u, float* dl, float* ml) {
     }
 }
 
+// All sixteen halves of a Q6_K block: u[256] (the 6-bit quants, 0..63) and dl[16]; the bit
+// layout is dequant_q6_k's (blocks.h), without its - 32 (the offset, q8_offset).
+inline void unpack_q6_k(const uint8_t* b, uint8_t* u, float* dl) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = (const int8_t*)(b + 192);
+    const float d = f16_to_f32(load_u16(b + 208));
+    for (int i = 0; i < 16; ++i) dl[i] = d * (float)sc[i];
+    for (int h = 0; h < 2; ++h, ql += 64, qh += 32, u += 128) {
+#if DN_AVX2
+        const __m256i a = _mm256_loadu_si256((const __m256i*)ql);
+        const __m256i c = _mm256_loadu_si256((const __m256i*)(ql + 32));
+        const __m256i hb = _mm256_loadu_si256((const __m256i*)qh);
+        const __m256i nib = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi8(0x30);
+        _mm256_storeu_si256((__m256i*)u, _mm256_or_si256(_mm256_and_si256(a, nib),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), top)));
+        _mm256_storeu_si256((__m256i*)(u + 32), _mm256_or_si256(_mm256_and_si256(c, nib),
+                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), top)));
+        _mm256_storeu_si256((__m256i*)(u + 64), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), nib),
+                            _mm256_and_si256(hb, top)));
+        _mm256_storeu_si256((__m256i*)(u + 96), _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
+                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)));
+#else
+        for (int l = 0; l < 32; ++l) {
+            u[l] = (uint8_t)((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4));
+            u[l + 32] = (uint8_t)((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4));
+            u[l + 64] = (uint8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+            u[l + 96] = (uint8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+        }
+#endif
+    }
+}
+
+// Weight groups per group of x: 2 for Q6_K (a scale per 16 values), 1 for the others.
+inline int halves(int qtype) { return qtype == DN_Q6_K ? 2 : 1; }
+
 // --- one tile: rows [n0, n0 + nr) of W, groups [g0, g0 + ng) ------------------------------------
 
 struct alignas(64) Sums {
@@ -180,8 +251,8 @@ struct alignas(64) Sums {
 struct Tile {
     alignas(64) uint8_t rows[NR8][SG * G];   // unpacked quants, row-major
     alignas(64) uint32_t quads[SG * 8][NR8]; // the same transposed: line = quad index, lane = row
-    alignas(64) float dl[SG][NR8];
-    alignas(64) float ml[SG][NR8];
+    alignas(64) float dl[SG * HMAX][NR8];   // [weight group][row]: group g half h at g * H + h
+    alignas(64) float ml[SG][NR8];          // Q4_K only
 };
 
 #if DN_VNNI
@@ -284,11 +355,16 @@ void prepare(Tile& tl, const uint8_t* w, int64_t rb, int qtype, int64_t n0, int 
     for (int r = 0; r < NR8; ++r) {
         if (r >= nr) {
             memset(tl.rows[r], 0, (size_t)(ng * G));
-            for (int64_t g = 0; g < ng; ++g) tl.dl[g][r] = tl.ml[g][r] = 0.0f;
+            for (int64_t g = 0; g < ng * halves(qtype); ++g) tl.dl[g][r] = 0.0f;
+            for (int64_t g = 0; g < ng; ++g) tl.ml[g][r] = 0.0f;
             continue;
         }
         const uint8_t* row = w + (n0 + r) * rb;
-        if (qtype == DN_Q4_K) {           // g0 and ng are whole blocks of 8 groups except at K's end
+        if (qtype == DN_Q6_K) {           // K is whole blocks: ng = 8, one block
+            float dl[16];
+            unpack_q6_k(row + g0 / 8 * 210, tl.rows[r], dl);
+            for (int j = 0; j < 16; ++j) tl.dl[j][r] = dl[j];
+        } else if (qtype == DN_Q4_K) {           // g0 and ng are whole blocks of 8 groups except at K's end
             for (int64_t g = 0; g < ng; g += 8) {
                 float dl[8], ml[8];
                 unpack_q4_k(row + (g0 + g) / 8 * 144, tl.rows[r] + g * G, dl, ml);
@@ -299,11 +375,10 @@ void prepare(Tile& tl, const uint8_t* w, int64_t rb, int qtype, int64_t n0, int 
             }
         } else {
             for (int64_t g = 0; g < ng; ++g) {
-                float dl, ml;
-                if (qtype == DN_Q5_0) unpack_q5_0(row + (g0 + g) * 22, tl.rows[r] + g * G, dl, ml);
-                else unpack_q8_0(row + (g0 + g) * 34, tl.rows[r] + g * G, dl, ml);
+                float dl;
+                if (qtype == DN_Q5_0) unpack_q5_0(row + (g0 + g) * 22, tl.rows[r] + g * G, dl);
+                else unpack_q8_0(row + (g0 + g) * 34, tl.rows[r] + g * G, dl);
                 tl.dl[g][r] = dl;
-                tl.ml[g][r] = ml;
             }
         }
     }
@@ -327,26 +402,42 @@ inline __m512i dpbusd_bcast(__m512i s, __m512i w, const int8_t* q) {
 #endif
 
 // acc[M][16] (+)= the tile's groups against activation rows xq[M] (row stride K bytes), whose
-// scales dx / sx have row stride `gs`.
-template <int M>
+// scales dx have row stride `gs`. Z (the integer offset, with H weight groups per group of x):
+// the dot products start from zx (row stride H gs); else (Q4_K, H = 1) ml * sx is subtracted.
+template <int M, int H, bool Z>
 void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const float* dx, const float* sx,
-                int64_t gs, float* acc, bool add) {
+                const int32_t* zx, int64_t gs, float* acc, bool add) {
+    static_assert(Z || H == 1, "halves come with an integer offset (Q6_K)");
+    constexpr int QH = 8 / H;   // quads per weight group
 #if DN_VNNI
     __m512 c[M];
     for (int t = 0; t < M; ++t) c[t] = add ? _mm512_load_ps(acc + t * NR8) : _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
-        __m512i s[M];
-        for (int t = 0; t < M; ++t) s[t] = _mm512_setzero_si512();
-        for (int j = 0; j < 8; ++j) {
-            const __m512i w = _mm512_load_si512(tl.quads[g * 8 + j]);
-            for (int t = 0; t < M; ++t) s[t] = dpbusd_bcast(s[t], w, xq + t * K + g * G + 4 * j);
+        __m512 f[M];      // Z: sum over halves of dl * (signed dot product), before dx
+        for (int h = 0; h < H; ++h) {
+            __m512i s[M];
+            for (int t = 0; t < M; ++t)
+                s[t] = Z ? _mm512_set1_epi32(zx[(t * gs + g) * H + h]) : _mm512_setzero_si512();
+            for (int j = h * QH; j < (h + 1) * QH; ++j) {
+                const __m512i w = _mm512_load_si512(tl.quads[g * 8 + j]);
+                for (int t = 0; t < M; ++t) s[t] = dpbusd_bcast(s[t], w, xq + t * K + g * G + 4 * j);
+            }
+            const __m512 dl = _mm512_load_ps(tl.dl[g * H + h]);
+            if constexpr (Z) {
+                for (int t = 0; t < M; ++t)
+                    f[t] = h == 0 ? _mm512_mul_ps(_mm512_cvtepi32_ps(s[t]), dl)
+                                  : _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), dl, f[t]);
+            } else {
+                const __m512 ml = _mm512_load_ps(tl.ml[g]);
+                for (int t = 0; t < M; ++t) {
+                    const __m512 scale = _mm512_mul_ps(dl, _mm512_set1_ps(dx[t * gs + g]));
+                    c[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scale, c[t]);
+                    c[t] = _mm512_fnmadd_ps(ml, _mm512_set1_ps(sx[t * gs + g]), c[t]);
+                }
+            }
         }
-        const __m512 dl = _mm512_load_ps(tl.dl[g]), ml = _mm512_load_ps(tl.ml[g]);
-        for (int t = 0; t < M; ++t) {
-            const __m512 scale = _mm512_mul_ps(dl, _mm512_set1_ps(dx[t * gs + g]));
-            c[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scale, c[t]);
-            c[t] = _mm512_fnmadd_ps(ml, _mm512_set1_ps(sx[t * gs + g]), c[t]);
-        }
+        if constexpr (Z)
+            for (int t = 0; t < M; ++t) c[t] = _mm512_fmadd_ps(f[t], _mm512_set1_ps(dx[t * gs + g]), c[t]);
     }
     for (int t = 0; t < M; ++t) _mm512_store_ps(acc + t * NR8, c[t]);
 #else
@@ -357,47 +448,75 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
         for (int64_t g = 0; g < ng; ++g) {
             const int8_t* x = xq + t * K + g * G;
             for (int r = 0; r < NR8; ++r) {
-                int32_t s = 0;
-                for (int j = 0; j < 8; ++j) {
-                    uint8_t u[4];
-                    memcpy(u, &tl.quads[g * 8 + j][r], 4);
-                    for (int i = 0; i < 4; ++i) s += (int32_t)u[i] * x[4 * j + i];
+                float f = 0.0f;
+                for (int h = 0; h < H; ++h) {
+                    int32_t s = Z ? zx[(t * gs + g) * H + h] : 0;
+                    for (int j = h * QH; j < (h + 1) * QH; ++j) {
+                        uint8_t u[4];
+                        memcpy(u, &tl.quads[g * 8 + j][r], 4);
+                        for (int i = 0; i < 4; ++i) s += (int32_t)u[i] * x[4 * j + i];
+                    }
+                    if (Z) {
+                        f = (float)s * tl.dl[g * H + h][r] + f;
+                    } else {
+                        const float scale = tl.dl[g][r] * dx[t * gs + g];
+                        a[r] = (float)s * scale + a[r];
+                        a[r] = a[r] - tl.ml[g][r] * sx[t * gs + g];
+                    }
                 }
-                const float scale = tl.dl[g][r] * dx[t * gs + g];
-                a[r] = (float)s * scale + a[r];
-                a[r] = a[r] - tl.ml[g][r] * sx[t * gs + g];
+                if (Z) a[r] = f * dx[t * gs + g] + a[r];
             }
         }
     }
 #endif
 }
 
-template <int M>
+template <int M, int H, bool Z>
 void ukernel_q8_upto(int m, int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const float* dx,
-                     const float* sx, int64_t gs, float* acc, bool add) {
+                     const float* sx, const int32_t* zx, int64_t gs, float* acc, bool add) {
     if constexpr (M > 1) {
-        if (m < M) return ukernel_q8_upto<M - 1>(m, ng, tl, xq, K, dx, sx, gs, acc, add);
+        if (m < M) return ukernel_q8_upto<M - 1, H, Z>(m, ng, tl, xq, K, dx, sx, zx, gs, acc, add);
     }
-    ukernel_q8<M>(ng, tl, xq, K, dx, sx, gs, acc, add);
+    ukernel_q8<M, H, Z>(ng, tl, xq, K, dx, sx, zx, gs, acc, add);
 }
 
 }  // namespace
 
-bool q8_type(int qtype) { return qtype == DN_Q4_K || qtype == DN_Q5_0 || qtype == DN_Q8_0; }
-
-void quantize_rows(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* sx) {
-    quantize_any(x, T, K, xq, dx, sx);
-}
-void quantize_rows(const uint16_t* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* sx) {
-    quantize_any(x, T, K, xq, dx, sx);
+bool q8_type(int qtype) {
+    return qtype == DN_Q4_K || qtype == DN_Q5_0 || qtype == DN_Q8_0 || qtype == DN_Q6_K;
 }
 
-int gemm_q8(const int8_t* xq, const float* dx, const float* sx, int64_t T, int64_t K, const uint8_t* w,
-            int qtype, int64_t N, float* y) {
+int q8_sub(int qtype) { return G / halves(qtype); }
+
+int64_t q8_float_sums(int qtype, int64_t K) { return q8_offset(qtype) ? 0 : K / G; }
+int64_t q8_int_sums(int qtype, int64_t K) { return q8_offset(qtype) ? K / q8_sub(qtype) : 0; }
+
+int q8_offset(int qtype) {
+    switch (qtype) {
+        case DN_Q5_0: return 16;
+        case DN_Q8_0: return 128;
+        case DN_Q6_K: return 32;
+        default: return 0;
+    }
+}
+
+void quantize_rows(const float* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
+                   int32_t* zx) {
+    quantize_any(x, T, K, qtype, xq, dx, sx, zx);
+}
+void quantize_rows(const uint16_t* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
+                   int32_t* zx) {
+    quantize_any(x, T, K, qtype, xq, dx, sx, zx);
+}
+
+int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* zx, int64_t T, int64_t K,
+            const uint8_t* w, int qtype, int64_t N, float* y) {
     if (!q8_type(qtype)) return DN_E_QTYPE;
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || K % G || rb < 0) return DN_E_SHAPE;
     const int64_t tiles = (N + NR8 - 1) / NR8, groups = K / G;
+    const int h = halves(qtype);
+    const bool z = q8_offset(qtype) != 0;
     for (int64_t t0 = 0; t0 < T; t0 += TB8) {
         const int64_t tb = std::min(TB8, T - t0);
 #pragma omp parallel if (tiles > 1)
@@ -416,8 +535,16 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, int64_t T, int64
                     for (int64_t t = 0; t < tb; t += MR8) {
                         const int m = (int)std::min<int64_t>(MR8, tb - t);
                         const int64_t row = t0 + t;
-                        ukernel_q8_upto<MR8>(m, ng, *tl, xq + row * K + g0 * G, K, dx + row * groups + g0,
-                                             sx + row * groups + g0, groups, acc + t * NR8, g0 > 0);
+                        const int8_t* xr = xq + row * K + g0 * G;
+                        const float* dr = dx + row * groups + g0;
+                        const int64_t i = row * groups + g0;
+                        float* a = acc + t * NR8;
+                        if (h == 2)
+                            ukernel_q8_upto<MR8, 2, true>(m, ng, *tl, xr, K, dr, nullptr, zx + 2 * i, groups, a, g0 > 0);
+                        else if (z)
+                            ukernel_q8_upto<MR8, 1, true>(m, ng, *tl, xr, K, dr, nullptr, zx + i, groups, a, g0 > 0);
+                        else
+                            ukernel_q8_upto<MR8, 1, false>(m, ng, *tl, xr, K, dr, sx + i, nullptr, groups, a, g0 > 0);
                     }
                 }
                 for (int64_t t = 0; t < tb; ++t)
@@ -437,9 +564,10 @@ int qmatmul_q8(const X* x, int64_t T, int64_t K, const uint8_t* w, int qtype, in
     if (!dn::q8_type(qtype)) return DN_E_QTYPE;
     if (T < 0 || K <= 0 || K % dn::G || dn::row_bytes(qtype, K) < 0) return DN_E_SHAPE;
     std::vector<int8_t> xq((size_t)(T * K));
-    std::vector<float> dx((size_t)(T * K / dn::G)), sx(dx.size());
-    dn::quantize_rows(x, T, K, xq.data(), dx.data(), sx.data());
-    return dn::gemm_q8(xq.data(), dx.data(), sx.data(), T, K, w, qtype, N, y);
+    std::vector<float> dx((size_t)(T * K / dn::G)), sx((size_t)(T * dn::q8_float_sums(qtype, K)));
+    std::vector<int32_t> zx((size_t)(T * dn::q8_int_sums(qtype, K)));
+    dn::quantize_rows(x, T, K, qtype, xq.data(), dx.data(), sx.data(), zx.data());
+    return dn::gemm_q8(xq.data(), dx.data(), sx.data(), zx.data(), T, K, w, qtype, N, y);
 }
 
 }  // namespace
@@ -458,8 +586,10 @@ DN_API int dn_qmatmul_q8_bf16(const uint16_t* x, int64_t T, int64_t K, const uin
     return qmatmul_q8(x, T, K, w, qtype, N, y);
 }
 
-DN_API int dn_quantize_q8(const float* x, int64_t T, int64_t K, int8_t* xq, float* dx, float* sx) {
+DN_API int dn_quantize_q8(const float* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
+                          int32_t* zx) {
+    if (!dn::q8_type(qtype)) return DN_E_QTYPE;
     if (T < 0 || K <= 0 || K % dn::G) return DN_E_SHAPE;
-    dn::quantize_rows(x, T, K, xq, dx, sx);
+    dn::quantize_rows(x, T, K, qtype, xq, dx, sx, zx);
     return DN_OK;
 }
