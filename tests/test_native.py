@@ -152,6 +152,21 @@ def test_qlinear_dispatches_to_native(native_backend):
     assert torch.equal(yb, native.qmatmul(x.bfloat16(), qt, out_dtype=torch.float32).bfloat16())
 
 
+def test_qmatmul_into_a_given_buffer(lib):
+    """`out` receives the fp32 result (any layout of T * N elements) and is what comes back for
+    an fp32 out_dtype; a buffer of the wrong size or dtype is refused before the kernel runs."""
+    rng = np.random.default_rng(6)
+    qt, _ = _weights("Q6_K", (40, 256), rng)
+    x = torch.from_numpy(rng.standard_normal((9, 256)).astype(np.float32)).bfloat16()
+    want = native.qmatmul(x, qt, out_dtype=torch.float32)
+    buf = torch.full((9 * 40,), float("nan"))
+    got = native.qmatmul(x, qt, out_dtype=torch.float32, out=buf)
+    assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()
+    for bad in (torch.empty(9 * 40 - 1), torch.empty(9 * 40, dtype=torch.float64), torch.empty(40, 18)[:, ::2]):
+        with pytest.raises(ValueError, match="contiguous fp32"):
+            native.qmatmul(x, qt, out=bad)
+
+
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     """What the bf16 kernels (qmatmul, qmatmul_t, moe) multiply: t rounded to bf16 (nearest even),
     where the library has bf16 dot products (AVX512-BF16 or AMX); elsewhere bf16 calls are widened

@@ -99,8 +99,17 @@ def test_bf16_head_matches_torch_sequence(path):
     bound = 2.0 ** -7 * (p @ E.abs()) + 1e-6
     assert ((out.soft.double() - soft_ref).abs() <= bound).all()
     # the soft embedding is what the next step's self-conditioning takes
+    from diffcli.compute import vocab as cpu_vocab
+    buf = cpu_vocab._workspace.logits
     nxt = model.denoise_fused(cache, canvas, T, out.soft)
     assert torch.isfinite(nxt.lse).all()
+    # the head's logits buffer is kept for the next step, and reusing it changes nothing
+    assert cpu_vocab._workspace.logits is buf and buf.numel() == cfg.canvas_length * cfg.vocab_size
+    again = model.denoise_fused(cache, canvas, T)
+    assert cpu_vocab._workspace.logits is buf
+    for a, b in ((again.argmax, out.argmax), (again.lse, out.lse), (again.soft, out.soft), (again.probs, out.probs)):
+        assert torch.equal(a, b)
+    assert again.probs.data_ptr() != out.probs.data_ptr()      # the returned probabilities are not shared
 
 
 def test_bf16_generation_uses_the_native_head(path, monkeypatch):

@@ -271,14 +271,23 @@ def _act(x: torch.Tensor) -> tuple[torch.Tensor, str]:
     return _f32(x), ""
 
 
-def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ qt[N, K].T -> [..., N] in out_dtype (default x.dtype); accumulates in fp32.
-    bf16 x: products of bf16-rounded operands (see has_bf16), or int8 ones (see int8)."""
+    bf16 x: products of bf16-rounded operands (see has_bf16), or int8 ones (see int8). `out`:
+    a contiguous fp32 CPU tensor of T * N elements to write the fp32 result into (a buffer kept
+    across calls spares the allocation and its page faults: the head's is 268 MB)."""
     N, K = qt.shape
     if x.shape[-1] != K:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features, {qt.name or 'weight'} expects {K}")
     raw, (xk, kind) = _raw(qt), _act(x.reshape(-1, K))    # xk [T, K]
-    y = torch.empty(xk.shape[0], N, dtype=torch.float32)  # [T, N]
+    if out is None:
+        y = torch.empty(xk.shape[0], N, dtype=torch.float32)  # [T, N]
+    elif out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() \
+            or out.numel() != xk.shape[0] * N:
+        raise ValueError(f"qmatmul: out must be a contiguous fp32 CPU tensor of {xk.shape[0] * N} elements")
+    else:
+        y = out.view(xk.shape[0], N)
     _call("dn_qmatmul" + _q8(kind, qt) + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
           y.data_ptr())
     return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
