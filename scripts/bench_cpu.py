@@ -52,6 +52,7 @@ MODEL = dict(hidden_size=512, num_hidden_layers=8, num_experts=16, top_k_experts
              global_head_dim=128, num_global_key_value_heads=2, intermediate_size=768,
              moe_intermediate_size=256, sliding_window=512)
 SC_TEMPERATURE = 0.8
+VARIANTS = ("default", "dense-embedding", "unfused", "no-amx", "int8", "no-int8")   # --runs DTYPE/VARIANT
 
 
 def peak_rss_mib() -> float:
@@ -125,7 +126,7 @@ def worker(a) -> dict:
 
         def step():
             return model.denoise(cache, canvas, sc_logits=sc)
-        info = {"simd": native.simd()} if a.worker == "native" else {}
+        info = {"simd": native.simd(), "int8": native.int8()} if a.worker == "native" else {}
     prepare_s = time.perf_counter() - t0
     logits = step()
     timed(step, a.warmup)
@@ -403,6 +404,10 @@ def real_main(a) -> int:
     runs = [(r.split("/")[0].strip(), (r.split("/") + ["default"])[1].strip())
             for r in a.runs.split(",") if r.strip()]
     for dtype, variant in runs:
+        if variant not in VARIANTS:
+            raise SystemExit(f"bench_cpu: --runs {dtype}/{variant}: no such variant; use one of "
+                             f"{', '.join(VARIANTS)}")
+    for dtype, variant in runs:
         log(f"timing diffcli ({dtype}, {variant}) on {path.name} ...")
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "real", "--model", str(path),
                "--steps", str(a.steps), "--warmup", str(a.warmup), "--threads", str(a.threads),
@@ -415,6 +420,8 @@ def real_main(a) -> int:
             env["DIFFCLI_NATIVE_AMX"] = "0"       # the AVX512-BF16 kernels on an AMX machine
         elif variant == "int8":
             env["DIFFCLI_NATIVE_INT8"] = "1"      # int8 products where the weight types allow
+        elif variant == "no-int8":
+            env["DIFFCLI_NATIVE_INT8"] = "0"      # bf16 products where int8 would be the default
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             results[dtype] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -488,7 +495,7 @@ def main(argv=None) -> int:
                    help="--real-shapes: diffcli runs side by side, DTYPE[/VARIANT] (default: what diffcli "
                         "runs; dense-embedding: head and self-conditioning on a dense copy of E, as before; "
                         "unfused: torch vocabulary side with fp32 [C, V] buffers; no-amx: DIFFCLI_NATIVE_AMX=0; int8: "
-                        "DIFFCLI_NATIVE_INT8=1)")
+                        "DIFFCLI_NATIVE_INT8=1; no-int8: DIFFCLI_NATIVE_INT8=0)")
     p.add_argument("--real-shapes", action="store_true",
                    help="benchmark the real model's shapes (6-layer synthetic file, vocab 262k)")
     p.add_argument("--layers", type=int, default=6, help="--real-shapes: layers of the synthetic file")

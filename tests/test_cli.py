@@ -225,7 +225,7 @@ def test_bad_input_one_line_exit_2(model_path, tmp_path, args, needle):
 
 
 @pytest.mark.parametrize("var,value", [("DIFFCLI_DTYPE", "f64"), ("DIFFCLI_BACKEND", "cuda-fast"),
-                                       ("DIFFCLI_CUDA_GRAPHS", "maybe")])
+                                       ("DIFFCLI_CUDA_GRAPHS", "maybe"), ("DIFFCLI_NATIVE_INT8", "fast")])
 def test_bad_environment_one_line_exit_2(model_path, monkeypatch, var, value):
     monkeypatch.setenv(var, value)      # backend_for reads the environment on every call
     res = run(["-m", model_path, "-p", "x", *FAST])

@@ -50,6 +50,15 @@ def test_amx_follows_the_cpu(lib):
         native.set_amx(before)                  # the no-amx build keeps it off for the tests after
 
 
+@pytest.fixture(autouse=True)
+def float_products():
+    """This module checks the fp32 and bf16 products; the int8 ones, the default in bf16 mode on
+    a CPU with VNNI and no AMX, are tests/test_native_q8.py's."""
+    native.set_int8(False)
+    yield
+    native.set_int8(None)
+
+
 @pytest.fixture
 def native_backend(lib):
     set_backend("native")

@@ -37,7 +37,7 @@ def int8(lib):
     native.set_int8(True)
     set_backend("native")
     yield
-    native.set_int8(False)
+    native.set_int8(None)
     set_backend(None)
 
 
@@ -249,6 +249,51 @@ def test_vnni_follows_the_cpu(lib):
     assert native.has_vnni() == has
 
 
+def test_int8_default_follows_the_cpu(lib, monkeypatch):
+    """Unset (or auto), int8 is on exactly where the library has VNNI and no AMX tiles are in use;
+    switching the tiles off (where the CPU has them) turns it on, the environment and set_int8
+    override it, and the x86-64 baseline and AVX2 builds (no VNNI) leave it off."""
+    from _native_builds import cpu_flags
+    monkeypatch.delenv("DIFFCLI_NATIVE_INT8", raising=False)
+    native.set_int8(None)
+    vnni = {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu_flags() and native.simd() == "avx512"
+    assert native.int8() == (vnni and not native.amx())
+    before = native.amx()
+    try:
+        if native.amx_available():
+            native.set_amx(True)
+            assert not native.int8()              # the bf16 tiles are faster
+            native.set_amx(False)
+            assert native.int8() == vnni
+        monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "0")
+        assert not native.int8()
+        monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "on")
+        assert native.int8()
+        native.set_int8(False)                    # the API over the environment
+        assert not native.int8()
+        monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "auto")
+        native.set_int8(None)
+        assert native.int8() == (vnni and not native.amx())
+    finally:
+        native.set_amx(before)
+        native.set_int8(None)
+
+
+@pytest.mark.parametrize("word,value", [("1", True), ("ON", True), ("yes", True), ("0", False),
+                                        (" off ", False), ("false", False), ("auto", None), ("", None)])
+def test_int8_environment_words(monkeypatch, word, value):
+    monkeypatch.setenv("DIFFCLI_NATIVE_INT8", word)
+    assert native._int8_from_env() is value
+    native.check_settings()
+
+
+def test_int8_environment_bad_word(monkeypatch):
+    from diffcli.errors import InputError
+    monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "fast")
+    with pytest.raises(InputError, match="DIFFCLI_NATIVE_INT8='fast'"):
+        native.check_settings()
+
+
 def test_load_line_says_int8_for_bf16_only(int8):
     from diffcli.compute import backend
     assert backend.cpu_kernels(torch.bfloat16, {"Q4_K", "Q6_K"}).endswith(" + int8")
@@ -280,6 +325,7 @@ def test_model_step_in_int8(lib, tmp_path):
                                generator=torch.Generator().manual_seed(1))
         ref = f32.denoise(f32.encode(prompt), canvas)
         model = diffcli.load(path, device="cpu", dtype=torch.bfloat16)
+        native.set_int8(False)                      # the bf16 products, whatever the default
         bf16 = model.denoise(model.encode(prompt), canvas).float()
         calls, call = collections.Counter(), native._call
 
@@ -295,7 +341,7 @@ def test_model_step_in_int8(lib, tmp_path):
             native._call = call
         assert model.cpu_kernels.endswith(" + int8")
     finally:
-        native.set_int8(False)
+        native.set_int8(None)
         set_backend(None)
     n_layer = model.config.n_layer
     # the step's layers and the encoder's but its last (whose MLP nothing reads: only its K, V)

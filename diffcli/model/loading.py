@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..compute import native
 from ..compute.backend import DTYPES, default_dtype, keep_freed_memory
 from ..errors import InputError
 from ..gguf.reader import open_gguf
@@ -49,6 +50,7 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     check_fits(f, cfg, plan, act, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe or 0,
                override_tensor=override_tensor or ())
     if any(d.type == "cpu" for d in act):
+        native.check_settings()
         keep_freed_memory()
     weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
     if cache_embedding is None:
