@@ -289,8 +289,8 @@ def test_int8_environment_words(monkeypatch, word, value):
 
 def test_int8_environment_bad_word(monkeypatch):
     from diffcli.errors import InputError
-    monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "fast")
-    with pytest.raises(InputError, match="DIFFCLI_NATIVE_INT8='fast'"):
+    monkeypatch.setenv("DIFFCLI_NATIVE_INT8", "Fast")
+    with pytest.raises(InputError, match="DIFFCLI_NATIVE_INT8='Fast'"):
         native.check_settings()
 
 

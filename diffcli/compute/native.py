@@ -179,9 +179,10 @@ _INT8_WORDS = {"1": True, "on": True, "yes": True, "true": True,
 
 def _int8_from_env() -> bool | None:
     """DIFFCLI_NATIVE_INT8: 1/on (always), 0/off (never), auto or unset (None: see int8())."""
-    word = os.environ.get("DIFFCLI_NATIVE_INT8", "").strip().lower()
+    raw = os.environ.get("DIFFCLI_NATIVE_INT8", "")
+    word = raw.strip().lower()
     if word not in _INT8_WORDS:
-        raise InputError(f"DIFFCLI_NATIVE_INT8={word!r} is not a setting",
+        raise InputError(f"DIFFCLI_NATIVE_INT8={raw!r} is not a setting",
                          fix="set it to auto, 1 (on) or 0 (off), or unset it")
     return _INT8_WORDS[word]
 
