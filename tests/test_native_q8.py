@@ -253,10 +253,9 @@ def test_int8_default_follows_the_cpu(lib, monkeypatch):
     """Unset (or auto), int8 is on exactly where the library has VNNI and no AMX tiles are in use;
     switching the tiles off (where the CPU has them) turns it on, the environment and set_int8
     override it, and the x86-64 baseline and AVX2 builds (no VNNI) leave it off."""
-    from _native_builds import cpu_flags
     monkeypatch.delenv("DIFFCLI_NATIVE_INT8", raising=False)
     native.set_int8(None)
-    vnni = {"avx512_vnni", "avx512bw", "avx512vl"} <= cpu_flags() and native.simd() == "avx512"
+    vnni = native.has_vnni()                      # the CPU's, per test_vnni_follows_the_cpu
     assert native.int8() == (vnni and not native.amx())
     before = native.amx()
     try:

@@ -202,12 +202,10 @@ def int8() -> bool:
     scale per 16 values), with fp32 sums. For bf16 activations only: f32 mode keeps its exact
     fp32 products.
 
-    By default (`DIFFCLI_NATIVE_INT8` unset or auto, set_int8(None)) on where the int8 kernels
-    are the fastest the CPU has: AVX512-VNNI (vpdpbusd: 64 products per instruction against
-    vdpbf16ps' 32) and no AMX tiles in use (amx(): the bf16 tiles are faster still). On a Zen 4
-    that made a self-conditioned step at the real shapes 1.19x faster. `DIFFCLI_NATIVE_INT8=1`
-    or set_int8(True) forces it on (portable integer loops without VNNI), `=0` or
-    set_int8(False) off."""
+    By default (`DIFFCLI_NATIVE_INT8` unset or auto, set_int8(None)) on where they are the
+    fastest products the CPU has: AVX512-VNNI (vpdpbusd: 64 products per instruction against
+    vdpbf16ps' 32; a real-shape step 1.19x faster on a Zen 4) and no AMX tiles in use (amx()).
+    `=1` or set_int8(True) forces it on (portable loops without VNNI), `=0` or False off."""
     if not available():
         return False
     on = _int8 if _int8 is not None else _int8_from_env()
