@@ -130,7 +130,10 @@ def test_quantize_matches_numpy(lib):
 
 
 @pytest.mark.parametrize("qtype,K", [("Q4_K", 768), ("Q5_0", 96), ("Q8_0", 288), ("Q5_0", 704),
-                                     ("Q6_K", 256), ("Q6_K", 768)])
+                                     ("Q6_K", 256), ("Q6_K", 768),
+                                     # a long K goes in chunks of 64 groups (q8.cpp's KC), the
+                                     # last one short, here also of a partial slice (150 groups)
+                                     ("Q8_0", 4800), ("Q6_K", 4608), ("Q4_K", 4352)])
 @pytest.mark.parametrize("T", [1, 13, 37, 256])
 def test_qmatmul_q8(int8, qtype, K, T):
     rng = np.random.default_rng(7 * T + K)

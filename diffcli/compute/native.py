@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 6   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 7   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -94,9 +94,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_qmatmul_q8.argtypes = lib.dn_qmatmul_q8_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_q8.argtypes = lib.dn_moe_q8_bf16.argtypes = lib.dn_moe.argtypes
     lib.dn_quantize_q8.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr]
+    lib.dn_transpose_q8_0.argtypes = [ptr, i32, i64, i64, ptr]
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
                lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
-               lib.dn_quantize_q8):
+               lib.dn_quantize_q8, lib.dn_transpose_q8_0):
         fn.restype = i32
     return lib
 
@@ -333,6 +334,18 @@ def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
     _call("dn_qmatmul_t" + kind, xk.data_ptr(), xk.shape[0], N, raw.data_ptr(), QTYPE_IDS[qt.qtype], K,
           y.data_ptr())
     return y
+
+
+def transpose_q8_0(qt: QTensor) -> QTensor:
+    """qt [N, K] (N a multiple of 32) transposed and requantized: Q8_0 [K, N], rounded as
+    gguf.quants' Q8_0, byte for byte. x @ it (qmatmul, int8 products) is x @ qt with the rows as
+    the reduction, the int8 form of qmatmul_t."""
+    N, K = qt.shape
+    if N % 32:
+        raise ValueError(f"transpose_q8_0: {qt.name or 'weight'} has {N} rows, not a multiple of 32")
+    out = torch.empty(K * N // 32 * 34, dtype=torch.uint8)
+    _call("dn_transpose_q8_0", _raw(qt).data_ptr(), QTYPE_IDS[qt.qtype], N, K, out.data_ptr())
+    return QTensor(out, "Q8_0", (K, N), f"{qt.name}^T")
 
 
 def quantize_q8(x: torch.Tensor, qtype: str = "Q4_K") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,7 @@ mode keeps the unfused path and its exact draws.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -79,9 +80,42 @@ def vocab_stats(logits: torch.Tensor, cap: float | None, temperature: float):
     return native.vocab(logits, cap, temperature, in_place=True)
 
 
+# E^T requantized to Q8_0 per embedding, by id of its bytes: (weakref to them, the copy), the
+# entry dropped when they go (a WeakKeyDictionary would compare tensors with ==)
+_transposed: dict[int, tuple[weakref.ref, QTensor]] = {}
+_transposed_lock = threading.Lock()
+
+
+def int8_soft(E) -> bool:
+    """Whether soft_embedding multiplies by E^T in Q8_0 with int8 products: native.int8(), and E
+    on the CPU in blocks the int8 kernels take (native.Q8_TYPES: as for every int8 product, a
+    float embedding keeps the bf16 ones), its rows in whole groups of 32."""
+    return isinstance(E, QTensor) and E.qtype in native.Q8_TYPES and E.raw.device.type == "cpu" \
+        and E.shape[0] % 32 == 0 and native.int8()
+
+
+def transposed(E: QTensor) -> QTensor:
+    """E^T [H, V] in Q8_0 (native.transpose_q8_0), made on first use and kept while E lives:
+    V * H * 34 / 32 bytes (784 MB at the real 262144 x 2816). The reduction of probs @ E runs
+    over V, across E's rows and their scales, so the int8 kernels need the scales along V."""
+    key = id(E.raw)
+    with _transposed_lock:
+        hit = _transposed.get(key)
+        if hit is not None and hit[0]() is E.raw:
+            return hit[1]
+        t = native.transpose_q8_0(E)
+        _transposed[key] = (weakref.ref(E.raw, lambda _, k=key: _transposed.pop(k, None)), t)
+        return t
+
+
 def soft_embedding(probs: torch.Tensor, E: torch.Tensor | QTensor) -> torch.Tensor:
-    """probs [C, V] bf16 @ E [V, H] -> [C, H] fp32."""
+    """probs [C, V] @ E [V, H] -> [C, H] fp32: for bf16 probs, int8 products on E^T requantized to
+    Q8_0 where int8_soft(E) (probs rounded to int8 per 32 vocabulary entries, E^T per 32 as well; each
+    a relative error of at most 1/254 of its group's largest value), else bf16 products on E's
+    own blocks (qmatmul_t)."""
     if isinstance(E, QTensor):
+        if probs.dtype == torch.bfloat16 and int8_soft(E):       # f32 mode keeps fp32 products
+            return native.qmatmul(probs, transposed(E), out_dtype=torch.float32)
         return native.qmatmul_t(probs, E)
     return (probs.to(E.dtype) @ E).float()
 

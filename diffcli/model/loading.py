@@ -53,14 +53,17 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
         native.check_settings()
         keep_freed_memory()
     weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
+    from ..compute import vocab as cpu_vocab
     if cache_embedding is None:
         # on the CPU the native kernels run the head and self-conditioning on the blocks (no
         # copy: 1.5 GB in bf16 at the real shapes); without them a bf16 head keeps a bf16 copy
-        from ..compute import vocab as cpu_vocab
         cache_embedding = plan.head.type != "cpu" or (
             act[plan.head] != torch.float32 and not cpu_vocab.blocks_usable(weights.embed, act[plan.head]))
     model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
                            plan.layers, act)
+    if plan.head.type == "cpu" and act[plan.head] == torch.bfloat16 and not cache_embedding \
+            and cpu_vocab.blocks_usable(weights.embed, act[plan.head]) and cpu_vocab.int8_soft(weights.embed):
+        cpu_vocab.transposed(weights.embed)     # now, not inside the first self-conditioned step
     model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer
     model.placement = plan
     return model

@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 6
+#define DN_ABI_VERSION 7
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -102,6 +102,10 @@ DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, 
                         float* y);
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
                              int64_t K, float* y);
+// out [K, N] = W^T in Q8_0 blocks (34 bytes per 32 values along N; N a multiple of 32) from W
+// [N, K] of any type dn_dequantize takes, rounded as gguf.quants' Q8_0 (byte for byte): the int8
+// kernels' operand for x @ W with W's rows as the reduction (self-conditioning's probs @ E).
+DN_API int dn_transpose_q8_0(const uint8_t* w, int qtype, int64_t N, int64_t K, uint8_t* out);
 
 // Int8 products on the quantized blocks (q8.cpp), for weights of Q4_K, Q5_0, Q6_K or Q8_0
 // (dn_q8_supports; DN_E_QTYPE for the others): x is rounded to int8 per row and group of 32

@@ -20,6 +20,7 @@
 // along N (bf16.h's decode_pairs) and accumulates acc[T][KS] += xp^T . wv, MR2 rows x 32 columns
 // a register block. Grouping the slices reads x once per group rather than once per slice (x is
 // [C, V], 134 MB at the real vocabulary).
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -224,6 +225,45 @@ int gemm_t(const X* x, int64_t T, int64_t N, const uint8_t* w, int qtype, int64_
     return DN_OK;
 }
 
+// IEEE float -> half, round to nearest even (as numpy's astype(float16)); overflow -> inf.
+uint16_t f32_to_f16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);           // NaN
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);          // rounds past 65504: inf
+    if (a < 0x38800000u) {                                               // half subnormal (or 0)
+        float v;
+        memcpy(&v, &a, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(v * 16777216.0f));   // v / 2^-24
+    }
+    const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);                    // round the 13 dropped bits
+    return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+#endif
+}
+
+// Rows [v0, v0 + 32) of W [N, K] into column block v0 / 32 of every row of out (Q8_0 [K, N]).
+void transpose_group(const uint8_t* w, int64_t rb, int qtype, int64_t K, int64_t v0, int64_t N,
+                     float* tmp, uint8_t* out) {
+    for (int r = 0; r < 32; ++r) dequant_range(qtype, w + (v0 + r) * rb, 0, K, tmp + r * K);
+    const int64_t ob = N / 32 * 34;    // bytes per row of out
+    for (int64_t k = 0; k < K; ++k) {
+        float v[32], amax = 0.0f;
+        for (int r = 0; r < 32; ++r) {
+            v[r] = tmp[r * K + k];
+            amax = std::max(amax, fabsf(v[r]));
+        }
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        uint8_t* b = out + k * ob + v0 / 32 * 34;
+        const uint16_t dh = f32_to_f16(d);
+        memcpy(b, &dh, 2);
+        for (int r = 0; r < 32; ++r) b[2 + r] = (uint8_t)(int8_t)roundf(v[r] * id);   // half away from 0
+    }
+}
+
 }  // namespace
 
 void add_parts(const float* part, int64_t parts, int64_t n, float* y) {
@@ -245,4 +285,21 @@ DN_API int dn_qmatmul_t(const float* x, int64_t T, int64_t N, const uint8_t* w, 
 DN_API int dn_qmatmul_t_bf16(const uint16_t* x, int64_t T, int64_t N, const uint8_t* w, int qtype,
                              int64_t K, float* y) {
     return dn::gemm_t(x, T, N, w, qtype, K, y);
+}
+
+// out = W^T requantized: Q8_0 [K, N] from W [N, K] of any type dn_dequantize takes, N a multiple
+// of 32; gguf.quants' Q8_0 rounding (d = max|v| / 127 stored as f16, q = round-half-away(v / d)),
+// byte for byte. The self-conditioning product's E^T for the int8 kernels.
+DN_API int dn_transpose_q8_0(const uint8_t* w, int qtype, int64_t N, int64_t K, uint8_t* out) {
+    const int64_t rb = dn::row_bytes(qtype, K);
+    if (!dn::block_info(qtype).elems) return DN_E_QTYPE;
+    if (rb < 0) return DN_E_SHAPE;
+    if (N < 0 || N % 32 || K <= 0) return DN_E_SHAPE;
+#pragma omp parallel if (N > 32)
+    {
+        std::vector<float> tmp((size_t)(32 * K));
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t g = 0; g < N / 32; ++g) dn::transpose_group(w, rb, qtype, K, 32 * g, N, tmp.data(), out);
+    }
+    return DN_OK;
 }

@@ -53,6 +53,7 @@ constexpr int NR8 = 16;        // weight rows per tile: one int32 lane each
 constexpr int MR8 = 8;         // activation rows per register block
 constexpr int64_t SG = 8;      // groups per slice (256 values of K)
 constexpr int64_t TB8 = 512;   // activation rows per pass
+constexpr int64_t KC = 64;     // groups per chunk of a long K (2,048 values: 512 KB of 256 rows)
 constexpr int HMAX = 2;        // weight groups per group of x, at most (Q6_K's halves of 16)
 
 // --- activations ---------------------------------------------------------------------------------
@@ -509,6 +510,17 @@ void quantize_rows(const uint16_t* x, int64_t T, int64_t K, int qtype, int8_t* x
     quantize_any(x, T, K, qtype, xq, dx, sx, zx);
 }
 
+// The activations of one chunk of groups [c0, c0 + cg) of rows [t0, t0 + tb): either views of
+// the whole rows (one chunk covers K) or a contiguous copy, so that a long K's chunk stays in
+// cache for every tile (rows K bytes apart would each sit on a page of their own).
+struct Chunk {
+    const int8_t* xq;
+    const float* dx;
+    const float* sx;
+    const int32_t* zx;
+    int64_t groups;    // groups per row here (the row stride of dx and sx; xq's is groups * G)
+};
+
 int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* zx, int64_t T, int64_t K,
             const uint8_t* w, int qtype, int64_t N, float* y) {
     if (!q8_type(qtype)) return DN_E_QTYPE;
@@ -517,6 +529,15 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
     const int64_t tiles = (N + NR8 - 1) / NR8, groups = K / G;
     const int h = halves(qtype);
     const bool z = q8_offset(qtype) != 0;
+    // A long K (the self-conditioning product runs over the vocabulary) goes KC groups at a time,
+    // every tile through one chunk before the next; a tile's sums wait in y between chunks (fp32,
+    // so the additions and their order are those of a single pass).
+    const int64_t kc = groups <= 2 * KC ? groups : KC;
+    const bool copy = kc < groups;
+    const int64_t cbt = copy ? std::min(TB8, T) : 0;
+    std::vector<int8_t> cxq((size_t)(cbt * kc * G));
+    std::vector<float> cdx((size_t)(cbt * kc)), csx(sx ? (size_t)(cbt * kc) : 0);
+    std::vector<int32_t> czx(zx ? (size_t)(cbt * kc * h) : 0);
     for (int64_t t0 = 0; t0 < T; t0 += TB8) {
         const int64_t tb = std::min(TB8, T - t0);
 #pragma omp parallel if (tiles > 1)
@@ -525,30 +546,51 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
             std::vector<Sums> sums((size_t)tb);                    // [tb][16] partial sums
             Tile* tl = tile.get();
             float* acc = sums[0].v;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < tiles; ++i) {
-                const int64_t n0 = i * NR8;
-                const int nr = (int)std::min<int64_t>(NR8, N - n0);
-                for (int64_t g0 = 0; g0 < groups; g0 += SG) {
-                    const int64_t ng = std::min(SG, groups - g0);
-                    prepare(*tl, w, rb, qtype, n0, nr, g0, ng);
-                    for (int64_t t = 0; t < tb; t += MR8) {
-                        const int m = (int)std::min<int64_t>(MR8, tb - t);
-                        const int64_t row = t0 + t;
-                        const int8_t* xr = xq + row * K + g0 * G;
-                        const float* dr = dx + row * groups + g0;
-                        const int64_t i = row * groups + g0;
-                        float* a = acc + t * NR8;
-                        if (h == 2)
-                            ukernel_q8_upto<MR8, 2, true>(m, ng, *tl, xr, K, dr, nullptr, zx + 2 * i, groups, a, g0 > 0);
-                        else if (z)
-                            ukernel_q8_upto<MR8, 1, true>(m, ng, *tl, xr, K, dr, nullptr, zx + i, groups, a, g0 > 0);
-                        else
-                            ukernel_q8_upto<MR8, 1, false>(m, ng, *tl, xr, K, dr, sx + i, nullptr, groups, a, g0 > 0);
-                    }
+            for (int64_t c0 = 0; c0 < groups; c0 += kc) {
+                const int64_t cg = std::min(kc, groups - c0);
+                Chunk c{xq + t0 * K, dx + t0 * groups, sx ? sx + t0 * groups : nullptr,
+                        zx ? zx + t0 * groups * h : nullptr, groups};
+                if (copy) {
+#pragma omp for schedule(static)
+                    for (int64_t t = 0; t < tb; ++t) {
+                        const int64_t src = (t0 + t) * groups + c0;
+                        memcpy(&cxq[t * cg * G], xq + src * G, (size_t)(cg * G));
+                        memcpy(&cdx[t * cg], dx + src, (size_t)cg * sizeof(float));
+                        if (sx) memcpy(&csx[t * cg], sx + src, (size_t)cg * sizeof(float));
+                        if (zx) memcpy(&czx[t * cg * h], zx + src * h, (size_t)(cg * h) * sizeof(int32_t));
+                    }   // (the loop's barrier: the copy is whole before any tile reads it)
+                    c = Chunk{cxq.data(), cdx.data(), sx ? csx.data() : nullptr, zx ? czx.data() : nullptr, cg};
                 }
-                for (int64_t t = 0; t < tb; ++t)
-                    memcpy(y + (t0 + t) * N + n0, acc + t * NR8, (size_t)nr * sizeof(float));
+                const int64_t off = copy ? -c0 : 0;    // chunk group of the row's group g0
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t i = 0; i < tiles; ++i) {
+                    const int64_t n0 = i * NR8;
+                    const int nr = (int)std::min<int64_t>(NR8, N - n0);
+                    if (c0 > 0)
+                        for (int64_t t = 0; t < tb; ++t)
+                            memcpy(acc + t * NR8, y + (t0 + t) * N + n0, (size_t)nr * sizeof(float));
+                    for (int64_t g0 = c0; g0 < c0 + cg; g0 += SG) {
+                        const int64_t ng = std::min(SG, c0 + cg - g0);
+                        prepare(*tl, w, rb, qtype, n0, nr, g0, ng);
+                        for (int64_t t = 0; t < tb; t += MR8) {
+                            const int m = (int)std::min<int64_t>(MR8, tb - t);
+                            const int64_t j = t * c.groups + g0 + off, ck = c.groups * G;
+                            const int8_t* xr = c.xq + j * G;
+                            float* a = acc + t * NR8;
+                            if (h == 2)
+                                ukernel_q8_upto<MR8, 2, true>(m, ng, *tl, xr, ck, c.dx + j, nullptr, c.zx + 2 * j,
+                                                              c.groups, a, g0 > 0);
+                            else if (z)
+                                ukernel_q8_upto<MR8, 1, true>(m, ng, *tl, xr, ck, c.dx + j, nullptr, c.zx + j,
+                                                              c.groups, a, g0 > 0);
+                            else
+                                ukernel_q8_upto<MR8, 1, false>(m, ng, *tl, xr, ck, c.dx + j, c.sx + j, nullptr,
+                                                               c.groups, a, g0 > 0);
+                        }
+                    }
+                    for (int64_t t = 0; t < tb; ++t)
+                        memcpy(y + (t0 + t) * N + n0, acc + t * NR8, (size_t)nr * sizeof(float));
+                }
             }
         }
     }
