@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from diffcli.compute import native, ops
+from diffcli.compute import draws, native, ops
 from diffcli.gguf import quants
 from diffcli.compute.backend import set_backend
 from diffcli.gguf.qtensor import QTensor
@@ -332,13 +332,13 @@ def test_sample_is_torch_multinomial(lib, C, V, scale):
     """dn_sample runs torch's CPU generator itself: the same tokens as torch.multinomial and the
     same generator state after, over several draws in a row (the generator state crosses many
     MT19937 regenerations), with zero-probability entries that must never be drawn."""
-    assert native._state_layout_ok()
+    assert draws._state_layout_ok()
     data = torch.Generator().manual_seed(C + V)
     ours, theirs = torch.Generator().manual_seed(C), torch.Generator().manual_seed(C)
     for _ in range(3):
         probs = torch.softmax(torch.randn(C, V, generator=data) * scale, dim=-1)
         probs[:, ::3] = 0.0
-        got = native.sample(probs, ours)
+        got = draws.sample(probs, ours)
         assert torch.equal(got, torch.multinomial(probs, 1, generator=theirs).view(C))
         assert (got % 3 != 0).all()
         assert torch.equal(ours.get_state(), theirs.get_state())
@@ -432,7 +432,7 @@ def test_draw_bf16_is_the_inverse_cdf(lib, C, V):
     probs = probs.bfloat16()
     u = torch.rand(C, dtype=torch.float64, generator=gen)
     u[0], u[-1] = 0.0, 1.0 - 2.0 ** -53                               # both ends of [0, 1)
-    got = native.draw_bf16(probs, u)
+    got = draws.draw_bf16(probs, u)
     p = probs.double()
     cum = torch.cumsum(p, dim=-1)
     total = cum[:, -1]
@@ -452,7 +452,7 @@ def test_draw_bf16_frequencies(lib):
     p = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.15, 0.25]]).bfloat16()
     n = 20000
     u = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    got = native.draw_bf16(p.expand(n, -1).contiguous(), u)
+    got = draws.draw_bf16(p.expand(n, -1).contiguous(), u)
     counts = torch.bincount(got, minlength=6).double()
     expect = p[0].double() / p[0].double().sum() * n
     assert counts[1] == 0

@@ -234,10 +234,10 @@ def test_sample_is_torch_multinomial(C, V, scale, path, monkeypatch):
     """sample() draws exactly torch.multinomial's tokens and leaves the generator where it would:
     peaked and flat distributions, exact zeros included, over several seeds in a row; both with
     the native library where it is built ("default") and on the torch-only path."""
-    from diffcli.compute import native
+    from diffcli.compute import draws
     from diffcli.generation.sampler import sample
     if path == "torch":
-        monkeypatch.setattr(native, "sample", lambda probs, gen: None)
+        monkeypatch.setattr(draws, "sample", lambda probs, gen: None)
     data = torch.Generator().manual_seed(C * V)
     mine, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(4):

@@ -37,11 +37,16 @@ def test_transpose_q8_0_is_gguf_quants(lib, qtype, K):
         w = (rng.standard_normal((N, K)) * np.exp(rng.uniform(-4, 4, (N, 1)))).astype(np.float32)
         w[5] = 0.0                                    # a zero row: d = 0, q = 0
         w[:32, 3] = 0.0                               # a whole zero block of the transpose
+        w[32:64, 4] = rng.uniform(-1e-3, 1e-3, 32)    # scale ~8e-6: an f16 subnormal
+        w[64:96, 6] = rng.uniform(-1e-6, 1e-6, 32)    # scale ~8e-9: under f16's least subnormal
         raw = float_blocks(qtype, w)
     else:
         raw = random_blocks(qtype, (N, K), rng)
     deq = reference(raw, qtype, (N, K)).numpy()
     want = np.ascontiguousarray(quantize(np.ascontiguousarray(deq.T), Q8_0)).reshape(-1)
+    if qtype.startswith(("F", "B")):                  # the rows above do reach those scales
+        d = want.reshape(K, 3, 34)[:, :, :2].copy().view(np.float16)[..., 0]
+        assert 0 < abs(d[4, 1]) < np.finfo(np.float16).tiny and d[6, 2] in (0, np.finfo(np.float16).smallest_subnormal)
     got = native.transpose_q8_0(QTensor(torch.from_numpy(raw), qtype, (N, K), "E"))
     assert got.qtype == "Q8_0" and got.shape == (K, N)
     assert np.array_equal(got.raw.numpy(), want)

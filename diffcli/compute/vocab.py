@@ -108,6 +108,13 @@ def transposed(E: QTensor) -> QTensor:
         return t
 
 
+def prepare(E, dtype: torch.dtype) -> None:
+    """At load, what the first bf16 step would otherwise do inside its self-conditioning: make
+    E^T in Q8_0 where soft_embedding will use it (bf16 activations on E's own blocks, int8_soft)."""
+    if dtype == torch.bfloat16 and blocks_usable(E, dtype) and int8_soft(E):
+        transposed(E)
+
+
 def soft_embedding(probs: torch.Tensor, E: torch.Tensor | QTensor) -> torch.Tensor:
     """probs [C, V] @ E [V, H] -> [C, H] fp32: for bf16 probs, int8 products on E^T requantized to
     Q8_0 where int8_soft(E) (probs rounded to int8 per 32 vocabulary entries, E^T per 32 as well; each

@@ -121,21 +121,21 @@ def sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     float64 uniform u per entry, serially from the generator. Its per-entry scalar loop costs
     ~120 ms for a 256 x 32k canvas on one core; drawing the same u with `uniform_` (the same
     generator calls, in the same order) and transforming them with vectorized ops gives bit-equal
-    q in ~1/2 to 2/3 of the time; the native library (native.sample) runs the generator itself
+    q in ~1/2 to 2/3 of the time; the native library (compute/draws.sample) runs the generator itself
     and the rest in parallel, faster still (tests/test_sampler.py and tests/test_native.py check
     tokens and state against torch.multinomial). Other devices keep torch.multinomial: their
     kernels differ. bf16 probabilities on the CPU (bf16 mode's native head, compute/vocab.py) get
-    one inverse-CDF draw per row from a float64 uniform of `gen` instead (native.draw_bf16)."""
-    from ..compute import native
+    one inverse-CDF draw per row from a float64 uniform of `gen` instead (compute/draws.draw_bf16)."""
+    from ..compute import draws, native
     if probs.device.type == "cpu" and gen.device.type == "cpu" and probs.dtype == torch.bfloat16 \
             and native.available():
         # bf16 mode's fused CPU head (compute/vocab.py): an inverse-CDF draw per row, one float64
         # uniform per row from `gen` (not multinomial's draws; f32 mode never gets here)
         u = torch.rand(probs.shape[0], dtype=torch.float64, generator=gen)
-        return native.draw_bf16(probs, u)
+        return draws.draw_bf16(probs, u)
     if probs.device.type != "cpu" or gen.device.type != "cpu" or probs.dtype != torch.float32:
         return torch.multinomial(probs, 1, generator=gen).view(-1)
-    drawn = native.sample(probs, gen)          # the same race in C++, generator included
+    drawn = draws.sample(probs, gen)          # the same race in C++, generator included
     if drawn is not None:
         return drawn
     q = torch.empty(probs.shape, dtype=torch.float64).uniform_(generator=gen)   # [C, V]

@@ -61,9 +61,8 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
             act[plan.head] != torch.float32 and not cpu_vocab.blocks_usable(weights.embed, act[plan.head]))
     model = DiffusionGemma(cfg, weights, plan.head, act[plan.head], cache_embedding,
                            plan.layers, act)
-    if plan.head.type == "cpu" and act[plan.head] == torch.bfloat16 and not cache_embedding \
-            and cpu_vocab.blocks_usable(weights.embed, act[plan.head]) and cpu_vocab.int8_soft(weights.embed):
-        cpu_vocab.transposed(weights.embed)     # now, not inside the first self-conditioned step
+    if plan.head.type == "cpu" and not cache_embedding:
+        cpu_vocab.prepare(weights.embed, act[plan.head])     # not inside the first step
     model.gguf = f      # keeps the mmap the CPU weights view alive; metadata for the tokenizer
     model.placement = plan
     return model
