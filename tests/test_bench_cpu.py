@@ -33,3 +33,18 @@ def test_peer_exit_code_fails(tmp_path):
 def test_peer_clean_run_is_timed(tmp_path):
     wall, rss = bench_cpu.run_peer(_peer(tmp_path, ["0.00.001.000 I diffusion: done", "0.00.002.000 W slow"]))
     assert wall > 0 and rss > 0
+
+
+def test_peer_figures_come_from_the_fastest_runs():
+    walls = {"lo": [30.0, 20.0], "hi": [28.0, 26.0], "long": [45.0, 40.0]}
+    got = bench_cpu.peer_differences(walls, steps=2, prompt_len=512)
+    assert got["ms_per_step"] == pytest.approx(3000.0) and got["prefill_s"] == pytest.approx(20.0)
+    assert got["prefill_tok_s"] == pytest.approx(25.6) and "error" not in got
+
+
+def test_peer_walls_that_do_not_add_up_are_an_error_not_a_figure():
+    # a 30-layer run on a 23 GB machine: the 2-step run (cold page cache) was the slowest
+    walls = {"lo": [147.1], "hi": [113.6], "long": [124.6]}
+    got = bench_cpu.peer_differences(walls, steps=2, prompt_len=512)
+    assert "ms_per_step" not in got and "prefill_tok_s" not in got
+    assert "147.1 s with 2 steps, 113.6 s with 4" in got["error"] and got["walls_s"] == walls
