@@ -213,9 +213,6 @@ def test_moe_q8(int8, gu_type, dn_type, F, T):
 
 
 def test_q8_results_do_not_depend_on_threads(int8):
-    """Bit for bit the same at 1, 2 and 3 threads. For the experts that is also the same across
-    the two schedules of dn_moe_q8: 2 threads with 4 experts in use run the experts in parallel
-    (one thread each, rows added per token afterwards), 1 and 3 threads one expert at a time."""
     rng = np.random.default_rng(5)
     gen = torch.Generator().manual_seed(5)
     gu, _ = weights("Q4_K", (4, 192, 256), rng)

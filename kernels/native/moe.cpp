@@ -7,9 +7,8 @@
 //
 // Tokens are grouped by expert so each expert's weights are dequantized once per call (tile by
 // tile, inside gemm) and reused by all its n tokens. Experts run one after another with the
-// parallelism inside each matmul (the int8 variant: one expert per thread where there are enough
-// experts), and their outputs are added into `out` in expert order, so the result does not depend
-// on the thread count.
+// parallelism inside each matmul, and their outputs are added into `out` in expert order, so
+// the result does not depend on the thread count.
 #include <math.h>
 #include <string.h>
 
@@ -20,19 +19,7 @@
 #include "gemm.h"
 #include "q8.h"
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 namespace {
-
-int max_threads() {
-#if defined(_OPENMP)
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
 
 // gelu with the tanh approximation (gelu_pytorch_tanh), written as torch evaluates it.
 inline float gelu_tanh(float v) {
@@ -117,8 +104,8 @@ int check(int64_t T, int64_t K, int gu_qtype, int down_qtype, int64_t E, int64_t
 
 // h[i] = gelu_tanh(gate) * up for the n rows gu[i] = [gate | up] (F each).
 template <typename H>
-void gelu_rows(const float* gu, int64_t n, int64_t F, H* h, bool parallel = true) {
-#pragma omp parallel for schedule(static) if (parallel && n * F > 16384)
+void gelu_rows(const float* gu, int64_t n, int64_t F, H* h) {
+#pragma omp parallel for schedule(static) if (n * F > 16384)
     for (int64_t i = 0; i < n; ++i) {
         const float* g = gu + i * 2 * F;
         int64_t j = 0;
@@ -176,18 +163,8 @@ int moe(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
     return DN_OK;
 }
 
-// Above this many values (32 MB) of routed rows' outputs, moe_q8 runs one expert at a time.
-constexpr int64_t BY_EXPERT_ROWS = (int64_t)8 << 20;
-
 // The same with int8 products (q8.cpp): x is quantized once per token, gelu(gate) * up once per
 // (expert, token), from fp32.
-//
-// With at least two experts in use per thread and at most BY_EXPERT_ROWS values of output, the
-// experts run in parallel instead, one thread each from start to end: no fork or join per
-// matmul, and no thread waits while another does the small steps between them (gelu, rounding).
-// Each routed row's output then goes to a row of its own (the (token, expert) pair's position in
-// the routing), and the rows are added into `out` per token, in expert order, as the
-// one-expert-at-a-time loop adds them: the result is the same, whatever the thread count.
 template <typename X>
 int moe_q8(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
            const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
@@ -200,76 +177,32 @@ int moe_q8(const X* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtyp
     const int64_t kg = K / dn::Q8_GROUP, kf = dn::q8_float_sums(gu_qtype, K), ki = dn::q8_int_sums(gu_qtype, K);
     const int64_t fg = F / dn::Q8_GROUP, ff = dn::q8_float_sums(down_qtype, F), fi = dn::q8_int_sums(down_qtype, F);
     const Routing rt(ids, weights, T, A, E);
-    std::vector<int64_t> used;                    // the experts with tokens, in expert order
-    for (int64_t e = 0; e < E; ++e)
-        if (rt.start[e + 1] > rt.start[e]) used.push_back(e);
-    // (a long prompt's many tokens keep the other schedule: each expert's matmuls are then large
-    // enough to split, and the rows' buffer would grow with T)
-    const bool by_expert = (int64_t)used.size() >= 2 * max_threads() && max_threads() > 1 &&
-                           T * A * K <= BY_EXPERT_ROWS;
-    if (by_expert)                                // most tokens first: the threads end together
-        std::stable_sort(used.begin(), used.end(), [&](int64_t a, int64_t b) {
-            return rt.start[a + 1] - rt.start[a] > rt.start[b + 1] - rt.start[b];
-        });
-    std::vector<int8_t> xq(T * K);
-    std::vector<float> dx(T * kg), sx(T * kf);
-    std::vector<int32_t> zx(T * ki);
+    const int64_t nmax = rt.nmax;
+    std::vector<int8_t> xq(T * K), xs(nmax * K), hq(nmax * F);
+    std::vector<float> dx(T * kg), sx(T * kf), dxs(nmax * kg), sxs(nmax * kf), dh(nmax * fg), sh(nmax * ff);
+    std::vector<int32_t> zx(T * ki), zxs(nmax * ki), zh(nmax * fi);
+    std::vector<float> gu(nmax * 2 * F), h(nmax * F), ys(nmax * K);
     dn::quantize_rows(x, T, K, gu_qtype, xq.data(), dx.data(), sx.data(), zx.data());
-    // by_expert: every routed row's output, at its position in the routing [T * A, K]
-    std::vector<float> rows(by_expert ? T * A * K : 0);
-    int status = DN_OK;
     memset(out, 0, (size_t)(T * K) * sizeof(float));
-#pragma omp parallel if (by_expert)
-    {
-        const int64_t nmax = rt.nmax;
-        std::vector<int8_t> xs(nmax * K), hq(nmax * F);
-        std::vector<float> dxs(nmax * kg), sxs(nmax * kf), dh(nmax * fg), sh(nmax * ff);
-        std::vector<int32_t> zxs(nmax * ki), zh(nmax * fi);
-        std::vector<float> gu(nmax * 2 * F), h(nmax * F), ys(by_expert ? 0 : nmax * K);
-#pragma omp for schedule(dynamic, 1)
-        for (size_t u = 0; u < used.size(); ++u) {   // by_expert or not: a thread's own loop
-            const int64_t ee = used[u];
-            const int64_t n = rt.start[ee + 1] - rt.start[ee], s0 = rt.start[ee];
-            for (int64_t i = 0; i < n; ++i) {
-                const int64_t t = rt.tok[s0 + i];
-                memcpy(&xs[i * K], &xq[t * K], (size_t)K);
-                memcpy(&dxs[i * kg], &dx[t * kg], (size_t)kg * sizeof(float));
-                if (kf) memcpy(&sxs[i * kf], &sx[t * kf], (size_t)kf * sizeof(float));
-                if (ki) memcpy(&zxs[i * ki], &zx[t * ki], (size_t)ki * sizeof(int32_t));
-            }
-            const bool inner = !by_expert;              // the matmuls' own threads
-            float* y = by_expert ? rows.data() + s0 * K : ys.data();
-            int rc = dn::gemm_q8(xs.data(), dxs.data(), sxs.data(), zxs.data(), n, K, gate_up + ee * 2 * F * gu_row,
-                                 gu_qtype, 2 * F, gu.data(), inner);
-            if (rc == DN_OK) {
-                gelu_rows(gu.data(), n, F, h.data(), inner);
-                dn::quantize_rows(h.data(), n, F, down_qtype, hq.data(), dh.data(), sh.data(), zh.data(), inner);
-                rc = dn::gemm_q8(hq.data(), dh.data(), sh.data(), zh.data(), n, F, down + ee * K * down_row,
-                                 down_qtype, K, y, inner);
-            }
-            if (rc != DN_OK) {
-#pragma omp critical(dn_moe_status)
-                status = rc;
-            } else if (!by_expert) {
-                add_weighted(y, n, K, &rt.tok[s0], &rt.wsel[s0], out);
-            }
+    for (int64_t e = 0; e < E; ++e) {
+        const int64_t n = rt.start[e + 1] - rt.start[e], s0 = rt.start[e];
+        if (n == 0) continue;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = rt.tok[s0 + i];
+            memcpy(&xs[i * K], &xq[t * K], (size_t)K);
+            memcpy(&dxs[i * kg], &dx[t * kg], (size_t)kg * sizeof(float));
+            if (kf) memcpy(&sxs[i * kf], &sx[t * kf], (size_t)kf * sizeof(float));
+            if (ki) memcpy(&zxs[i * ki], &zx[t * ki], (size_t)ki * sizeof(int32_t));
         }
-    }
-    if (status != DN_OK || !by_expert) return status;
-    // out[t] = sum of w * row over t's routed rows, in routing order (expert-major)
-    std::vector<int64_t> first(T + 1, 0), slot(T * A);
-    for (int64_t p = 0; p < T * A; ++p) ++first[rt.tok[p] + 1];
-    for (int64_t t = 0; t < T; ++t) first[t + 1] += first[t];
-    std::vector<int64_t> fill(first.begin(), first.end() - 1);
-    for (int64_t p = 0; p < T * A; ++p) slot[fill[rt.tok[p]]++] = p;
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
-        float* o = out + t * K;
-        for (int64_t i = first[t]; i < first[t + 1]; ++i) {
-            const float wv = rt.wsel[slot[i]];
-            const float* yv = rows.data() + slot[i] * K;
-            for (int64_t j = 0; j < K; ++j) o[j] += yv[j] * wv;
-        }
+        int rc = dn::gemm_q8(xs.data(), dxs.data(), sxs.data(), zxs.data(), n, K, gate_up + e * 2 * F * gu_row,
+                             gu_qtype, 2 * F, gu.data());
+        if (rc) return rc;
+        gelu_rows(gu.data(), n, F, h.data());
+        dn::quantize_rows(h.data(), n, F, down_qtype, hq.data(), dh.data(), sh.data(), zh.data());
+        rc = dn::gemm_q8(hq.data(), dh.data(), sh.data(), zh.data(), n, F, down + e * K * down_row, down_qtype, K,
+                         ys.data());
+        if (rc) return rc;
+        add_weighted(ys.data(), n, K, &rt.tok[s0], &rt.wsel[s0], out);
     }
     return DN_OK;
 }

@@ -143,11 +143,10 @@ inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s
 // Rows of x [T, K] (K a multiple of G) -> xq [T, K], dx [T, K / G] and the sums qtype's kernel
 // needs (see q8.h's quantize_rows).
 template <typename X>
-void quantize_any(const X* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx, int32_t* zx,
-                  bool parallel) {
+void quantize_any(const X* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx, int32_t* zx) {
     const int64_t groups = K / G;
     const int off = q8_offset(qtype), sub = q8_sub(qtype), h = G / sub;
-#pragma omp parallel for schedule(static) if (parallel && T * K > 65536)
+#pragma omp parallel for schedule(static) if (T * K > 65536)
     for (int64_t t = 0; t < T; ++t)
         for (int64_t g = 0; g < groups; ++g) {
             const int64_t i = t * groups + g;
@@ -503,12 +502,12 @@ int q8_offset(int qtype) {
 }
 
 void quantize_rows(const float* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
-                   int32_t* zx, bool parallel) {
-    quantize_any(x, T, K, qtype, xq, dx, sx, zx, parallel);
+                   int32_t* zx) {
+    quantize_any(x, T, K, qtype, xq, dx, sx, zx);
 }
 void quantize_rows(const uint16_t* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
-                   int32_t* zx, bool parallel) {
-    quantize_any(x, T, K, qtype, xq, dx, sx, zx, parallel);
+                   int32_t* zx) {
+    quantize_any(x, T, K, qtype, xq, dx, sx, zx);
 }
 
 // The activations of one chunk of groups [c0, c0 + cg) of rows [t0, t0 + tb): either views of
@@ -523,7 +522,7 @@ struct Chunk {
 };
 
 int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* zx, int64_t T, int64_t K,
-            const uint8_t* w, int qtype, int64_t N, float* y, bool parallel) {
+            const uint8_t* w, int qtype, int64_t N, float* y) {
     if (!q8_type(qtype)) return DN_E_QTYPE;
     const int64_t rb = row_bytes(qtype, K);
     if (T < 0 || N < 0 || K <= 0 || K % G || rb < 0) return DN_E_SHAPE;
@@ -541,7 +540,7 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
     std::vector<int32_t> czx(zx ? (size_t)(cbt * kc * h) : 0);
     for (int64_t t0 = 0; t0 < T; t0 += TB8) {
         const int64_t tb = std::min(TB8, T - t0);
-#pragma omp parallel if (parallel && tiles > 1)
+#pragma omp parallel if (tiles > 1)
         {
             std::unique_ptr<Tile> tile(new Tile);                 // C++17: aligned new
             std::vector<Sums> sums((size_t)tb);                    // [tb][16] partial sums

@@ -25,15 +25,14 @@ int q8_offset(int qtype);
 // integer dot products start. The other pointer is not touched (it may be null).
 int64_t q8_float_sums(int qtype, int64_t K);
 int64_t q8_int_sums(int qtype, int64_t K);
-// `parallel` false: on the calling thread only (the callers that run in a parallel region).
 void quantize_rows(const float* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
-                   int32_t* zx, bool parallel = true);
+                   int32_t* zx);
 void quantize_rows(const uint16_t* x, int64_t T, int64_t K, int qtype, int8_t* xq, float* dx, float* sx,
-                   int32_t* zx, bool parallel = true);
+                   int32_t* zx);
 
 // y[T, N] = (dx * xq)[T, K] @ W[N, K]^T, W in blocks of a q8_type and x rounded for it by
-// quantize_rows; a DN_E_* code. `parallel` false: on the calling thread only.
+// quantize_rows; a DN_E_* code.
 int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* zx, int64_t T, int64_t K,
-            const uint8_t* w, int qtype, int64_t N, float* y, bool parallel = true);
+            const uint8_t* w, int qtype, int64_t N, float* y);
 
 }  // namespace dn
