@@ -48,3 +48,14 @@ def test_peer_walls_that_do_not_add_up_are_an_error_not_a_figure():
     got = bench_cpu.peer_differences(walls, steps=2, prompt_len=512)
     assert "ms_per_step" not in got and "prefill_tok_s" not in got
     assert "147.1 s with 2 steps, 113.6 s with 4" in got["error"] and got["walls_s"] == walls
+
+
+def test_page_cache_warm_up_reads_the_file_or_says_why_not(tmp_path, monkeypatch):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"\0" * (3 << 20))
+    said = []
+    monkeypatch.setattr(bench_cpu, "mem_available", lambda: 64 << 20)
+    assert bench_cpu.warm_page_cache(f, said.append) >= 0 and said == []
+    monkeypatch.setattr(bench_cpu, "mem_available", lambda: 2 << 20)   # the file does not fit
+    assert bench_cpu.warm_page_cache(f, said.append) is None
+    assert len(said) == 1 and "not reading model.gguf into the page cache" in said[0]
