@@ -2,6 +2,8 @@
 diffusion-gemma file written with GGUFWriter, and on broken files (one-line InputError)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from gguf import GGUFReader
 from diffcli.gguf import quants
 from diffcli.model.config import EB_DEFAULTS, ModelConfig
 from diffcli.errors import InputError
+from diffcli.gguf import reader
 from diffcli.gguf.reader import open_gguf
 
 import _tinygguf
@@ -180,3 +183,18 @@ def test_tensors_are_zero_copy_views_with_torch_shapes(tiny):
     want = dequantize(np.asarray(ref.data), ref.tensor_type).reshape(qt.shape)
     assert np.array_equal(qt.dequantize().numpy(), want)
     assert np.array_equal(qt[1].dequantize().numpy(), want[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_WILLNEED) as Linux takes it")
+def test_prefetch_asks_the_os_unless_the_file_would_not_fit(tiny, monkeypatch):
+    f = open_gguf(tiny)
+    before = f.tensor(f.tensor_names[0]).raw.clone()
+    assert f.prefetch()                               # the kernel took the advice
+    assert torch.equal(f.tensor(f.tensor_names[0]).raw, before)
+    monkeypatch.setattr(reader, "available_ram", lambda: f.file_size // 2)
+    assert not f.prefetch()                           # a file larger than the memory: no read-ahead
+
+
+def test_available_ram_is_a_plausible_byte_count():
+    got = reader.available_ram()
+    assert got is None or 0 < got < 1 << 50

@@ -11,6 +11,8 @@ tests/test_gguffile.py checks this parser against `GGUFReader` on the real Gemma
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -360,8 +362,40 @@ class GGUFFile:
     def file_size(self) -> int:
         return self.path.stat().st_size
 
+    def prefetch(self) -> bool:
+        """Ask the OS to read the whole file ahead into its page cache (madvise WILLNEED), as
+        llama.cpp does for its mappings: the weights then come in one sequential read in the
+        background, instead of page by page from disk when a prompt first routes to them (a
+        6-layer file's first 2k-token prefill ran at 70 tok/s from disk, 275 from the cache).
+        Nothing is mapped into the process by it. Skipped where the file would not fit in the
+        memory the OS reports available. True if the OS took the advice."""
+        advice, avail = getattr(mmap, "MADV_WILLNEED", None), available_ram()
+        if advice is None or (avail is not None and self._map.size > 0.9 * avail):
+            return False
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return False
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        return madvise(self._map.ctypes.data, self._map.size, advice) == 0
+
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, arch={self.architecture!r}, tensors={len(self._infos)})"
+
+
+def available_ram() -> int | None:
+    """Bytes of memory the OS says are available (Linux MemAvailable, else free pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
