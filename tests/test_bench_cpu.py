@@ -54,8 +54,9 @@ def test_page_cache_warm_up_reads_the_file_or_says_why_not(tmp_path, monkeypatch
     f = tmp_path / "model.gguf"
     f.write_bytes(b"\0" * (3 << 20))
     said = []
-    monkeypatch.setattr(bench_cpu, "mem_available", lambda: 64 << 20)
+    from diffcli.gguf import reader
+    monkeypatch.setattr(reader, "available_ram", lambda: 64 << 20)
     assert bench_cpu.warm_page_cache(f, said.append) >= 0 and said == []
-    monkeypatch.setattr(bench_cpu, "mem_available", lambda: 2 << 20)   # the file does not fit
+    monkeypatch.setattr(reader, "available_ram", lambda: 2 << 20)   # the file does not fit
     assert bench_cpu.warm_page_cache(f, said.append) is None
     assert len(said) == 1 and "not reading model.gguf into the page cache" in said[0]

@@ -44,7 +44,6 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     f = open_gguf(path)
     cfg = ModelConfig.from_gguf(f)
     validate(f, cfg)
-    f.prefetch()        # the weights come in from disk in one sequential read, in the background
     plan = plan_placement(f.tensor_names, cfg.n_layer, device, n_gpu_layers, n_cpu_moe or 0,
                           override_tensor or ())
     act = {d: dtype or default_dtype(d) for d in {plan.head, *plan.layers, *plan.tensors.values()}}
@@ -53,6 +52,7 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     if any(d.type == "cpu" for d in act):
         native.check_settings()
         keep_freed_memory()
+    f.prefetch()        # the weights come in from disk in one sequential read, in the background
     weights = load_weights(f, cfg, plan.head, plan, copy=not mmap)
     from ..compute import vocab as cpu_vocab
     if cache_embedding is None:
