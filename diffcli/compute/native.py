@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 7   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 8   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -95,9 +95,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_moe_q8.argtypes = lib.dn_moe_q8_bf16.argtypes = lib.dn_moe.argtypes
     lib.dn_quantize_q8.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr]
     lib.dn_transpose_q8_0.argtypes = [ptr, i32, i64, i64, ptr]
+    lib.dn_rms_norm.argtypes = [ptr, ptr, i64, i64, i32, ptr, f32, ptr, f32, ptr]
+    lib.dn_rms_rope.argtypes = [ptr, i64, i64, i64, i32, ptr, f32, ptr, ptr, ptr]
+    lib.dn_norm_portable.argtypes = [i32]
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
                lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
-               lib.dn_quantize_q8, lib.dn_transpose_q8_0):
+               lib.dn_quantize_q8, lib.dn_transpose_q8_0, lib.dn_rms_norm, lib.dn_rms_rope):
         fn.restype = i32
     return lib
 
@@ -415,6 +418,63 @@ def vocab(logits: torch.Tensor, cap: float | None, temperature: float, *, in_pla
     _call(name, src.data_ptr(), C, V, float(cap or 0.0), float(temperature), probs.data_ptr(),
           argmax.data_ptr(), lse.data_ptr(), entropy.data_ptr())
     return probs, argmax, lse, entropy
+
+
+def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or x.shape[-1] != d:
+        raise ValueError(f"rms: expected a CPU fp32 or bf16 tensor with {d} values per row, "
+                         f"got {x.dtype} {list(x.shape)} on {x.device}")
+    return x.detach().contiguous()
+
+
+def _norm_weight(weight: torch.Tensor | None, d: int):
+    if weight is None:
+        return None, None
+    w = _f32(weight)
+    if w.numel() != d:
+        raise ValueError(f"rms: weight has {w.numel()} values, rows have {d}")
+    return w, w.data_ptr()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+             x2: torch.Tensor | None = None, add: torch.Tensor | None = None,
+             scale: float = 1.0) -> torch.Tensor:
+    """(add +) rms(x (+ x2)) (* weight), then (* scale), over the last axis, in x's dtype (fp32
+    or bf16; x2 and add of the same dtype and shape), rounded at each step as torch's composition
+    of those ops (dn_rms_norm): one pass over each row instead of about eight."""
+    d = x.shape[-1]
+    xs = _rows(x, d)
+    others = [None if t is None else _rows(t, d) for t in (x2, add)]
+    for t in others:
+        if t is not None and (t.shape != xs.shape or t.dtype != xs.dtype):
+            raise ValueError(f"rms: {list(t.shape)} {t.dtype} does not match x {list(xs.shape)} {xs.dtype}")
+    w, wp = _norm_weight(weight, d)
+    out = torch.empty_like(xs)
+    _call("dn_rms_norm", xs.data_ptr(), others[0].data_ptr() if others[0] is not None else None,
+          xs.numel() // d, d, int(xs.dtype == torch.bfloat16), wp, float(eps),
+          others[1].data_ptr() if others[1] is not None else None, float(scale), out.data_ptr())
+    return out
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+    """rms(x) (* weight) over the heads of x [T, heads, D], then rotary: y * cos + rotate_half(y)
+    * sin with cos, sin [T, D] (or [T, 1, D]) fp32, in x's dtype, rounded as torch's composition
+    (the norm to x's dtype, the rotary in fp32; dn_rms_rope)."""
+    if x.dim() != 3:
+        raise ValueError(f"rms_rope: x must be [T, heads, D], got {list(x.shape)}")
+    T, heads, d = x.shape
+    if d % 2:
+        raise ValueError(f"rms_rope: rows of {d} values; rotary needs an even number")
+    xs = _rows(x, d)
+    c, s = (_f32(t).reshape(-1, d) for t in (cos, sin))
+    if c.shape[0] != T or s.shape[0] != T:
+        raise ValueError(f"rms_rope: rotary tables {list(cos.shape)} do not fit x {list(x.shape)}")
+    w, wp = _norm_weight(weight, d)
+    out = torch.empty_like(xs)
+    _call("dn_rms_rope", xs.data_ptr(), T, heads, d, int(xs.dtype == torch.bfloat16), wp, float(eps),
+          c.data_ptr(), s.data_ptr(), out.data_ptr())
+    return out
 
 
 def build(build_dir: str | os.PathLike | None = None, *, quiet: bool = False,

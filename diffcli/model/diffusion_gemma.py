@@ -37,7 +37,7 @@ from ..gguf.qtensor import QTensor
 from .cache import KVCache
 from .config import ModelConfig
 from .images import ImageSpan, check_spans, chunk_bounds, image_blocks, in_chunk, place
-from .layers import attention, rms, rotate_half, softcap_
+from .layers import attention, rms, rms_rope, softcap_
 from .weights import LayerWeights, Weights
 
 
@@ -353,10 +353,8 @@ class DiffusionGemma:
         q = self._lin(h, lw.wq).view(T, cfg.n_head, D)
         k_raw = self._lin(h, lw.wk).view(T, cfg.n_head_kv[i], D)
         v_raw = self._lin(h, lw.wv).view(T, cfg.n_head_kv[i], D) if lw.wv is not None else k_raw
-        q = rms(q, lw.q_norm, self._eps).float()
-        k = rms(k_raw, lw.k_norm, self._eps).float()
-        q = (q * cos + rotate_half(q) * sin).to(x.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(x.dtype)
+        q = rms_rope(q, lw.q_norm, self._eps, cos, sin)
+        k = rms_rope(k_raw, lw.k_norm, self._eps, cos, sin)
         v = rms(v_raw, eps=self._eps)
         return q, k.transpose(0, 1), v.transpose(0, 1)
 
@@ -364,12 +362,12 @@ class DiffusionGemma:
                v: torch.Tensor, mask: torch.Tensor | None, scalar: float) -> torch.Tensor:
         """Rest of one layer given its q [T, Nq, D] and the keys/values it sees [Nkv, L, D]."""
         a = attention(q, k, v, mask)                                   # [T, Nq*D]
-        x = x + rms(self._lin(a, lw.wo), lw.post_attn_norm, self._eps)
+        x = rms(self._lin(a, lw.wo), lw.post_attn_norm, self._eps, residual=x)
         dense = rms(self._mlp(rms(x, lw.ffn_norm, self._eps), lw.ffn_gate, lw.ffn_up, lw.ffn_down),
                     lw.post_ffn_norm_1, self._eps)                     # [T, H]
         moe = rms(self._experts(lw, x), lw.post_ffn_norm_2, self._eps)   # [T, H]
-        x = x + rms(dense + moe, lw.post_ffn_norm, self._eps)
-        return x * scalar
+        # (x + rms(dense + moe)) * scalar
+        return rms(dense, lw.post_ffn_norm, self._eps, plus=moe, residual=x, scale=scalar)
 
     def _experts(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """Routed experts. The router reads the raw residual x, not the normed expert input."""

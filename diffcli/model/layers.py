@@ -1,6 +1,6 @@
-"""The model's functional building blocks: RMSNorm, attention (scale 1.0, grouped KV heads), the
-logit softcap and the rotate-half RoPE helper. Stateless; diffcli.model composes them into the
-encoder and decoder passes.
+"""The model's functional building blocks: RMSNorm (with the residual add, layer scale or RoPE
+that follows it), attention (scale 1.0, grouped KV heads), the logit softcap and the rotate-half
+RoPE helper. Stateless; diffcli.model composes them into the encoder and decoder passes.
 
 Legend: T queries, L keys, Nq query heads, Nkv KV heads, D head dim, G = Nq / Nkv.
 """
@@ -9,11 +9,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..compute import native
+from ..compute.backend import backend_for
 
-def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm in float32, eps inside the mean (spec §B.1); returns x's dtype. F.rms_norm is the
-    same formula and a single fused kernel on GPU (a layer runs a dozen of these)."""
-    return F.rms_norm(x.float(), x.shape[-1:], weight, eps).to(x.dtype)
+
+def _native_rows(x: torch.Tensor) -> bool:
+    """Whether the native library's fused norms take x: a CPU fp32/bf16 tensor under the native
+    backend. They round where the torch composition below rounds; only the order of the mean's
+    sum differs (tests/test_native_norm.py)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        and backend_for("cpu") == "native" and native.available()
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, *,
+        plus: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+        scale: float = 1.0) -> torch.Tensor:
+    """RMSNorm in float32, eps inside the mean (spec §B.1), in x's dtype: rms(x (+ plus)) (* weight),
+    then (residual +) and (* scale), each step rounded to x's dtype as these torch ops round.
+    F.rms_norm is the same formula and a single fused kernel on GPU; on the CPU the native
+    library does the whole chain in one pass over each row (a layer runs a dozen of these)."""
+    if _native_rows(x):
+        return native.rms_norm(x, weight, eps, x2=plus, add=residual, scale=scale)
+    s = x if plus is None else x + plus
+    y = F.rms_norm(s.float(), s.shape[-1:], weight, eps).to(x.dtype)
+    if residual is not None:
+        y = residual + y
+    return y if scale == 1.0 else y * scale
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+    """rms(x, weight) over the heads of x [T, heads, D], then RoPE in float32 (cos, sin [T, 1, D]),
+    in x's dtype: the q and k of a layer."""
+    if _native_rows(x):
+        return native.rms_rope(x, weight, eps, cos, sin)
+    y = rms(x, weight, eps).float()
+    return (y * cos + rotate_half(y) * sin).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 7
+#define DN_ABI_VERSION 8
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {
@@ -133,3 +133,19 @@ DN_API int dn_moe_q8(const float* x, int64_t T, int64_t K, const uint8_t* gate_u
 DN_API int dn_moe_q8_bf16(const uint16_t* x, int64_t T, int64_t K, const uint8_t* gate_up, int gu_qtype,
                           const uint8_t* down, int down_qtype, int64_t E, int64_t F, const int64_t* ids,
                           const float* weights, int64_t A, float* out);
+
+// RMSNorm with its neighbours fused (norm.cpp), on rows of D values, all activations of one dtype
+// (bf16 bits where bf16, else fp32), w (D fp32 values) or null for no weight. Each step rounds
+// to that dtype where torch's composition of the same ops does:
+//   dn_rms_norm: s = x (+ x2), y = s / sqrt(mean(s^2) + eps) (* w), out = y (+ add) (* scale);
+//     x2 and add may be null; out may be x, x2 or add.
+//   dn_rms_rope: rows are T tokens of `heads` heads, y as above (no x2), then
+//     out = y * cos + rotate_half(y) * sin in fp32 with cos, sin [T, D] fp32 (rotate_half(y) =
+//     (-y[D/2:], y[:D/2])); out may be x.
+DN_API int dn_rms_norm(const void* x, const void* x2, int64_t R, int64_t D, int bf16, const float* w,
+                       float eps, const void* add, float scale, void* out);
+DN_API int dn_rms_rope(const void* x, int64_t T, int64_t heads, int64_t D, int bf16, const float* w,
+                       float eps, const float* cos_t, const float* sin_t, void* out);
+// dn_norm_portable(1): the two calls above take their portable row loops even in an AVX-512
+// build (the tests run both); (0) back to the default.
+DN_API void dn_norm_portable(int on);

@@ -1,0 +1,188 @@
+"""The native fused norms (kernels/native/norm.cpp: dn_rms_norm, dn_rms_rope) against the torch
+composition they replace (diffcli.model.layers.rms / rms_rope on the torch backend), on every
+SIMD build this CPU runs (tests/_native_builds.py) and, in an AVX-512 build, on both row paths
+(the register one and the portable one, dn_norm_portable).
+
+Bounds, from the arithmetic (u32 = 2^-24, u = the activation dtype's unit roundoff):
+- The two sides run the same element-wise operations in the same order, so they differ only
+  through the sum of squares: any two orders of a D-term sum differ by at most 2 gamma(D) of the
+  sum (tests/_bounds.py), half of that reaches 1/sqrt, and the mean, + eps, sqrt, reciprocal and
+  the two products each round once more on either side: the fp32 norm y = s r w differs by at
+  most (gamma(D) + 12 u32) m, m = |s r w| evaluated in float64.
+- A bf16 (or fp32) rounding of two values that close adds at most one ulp, 2u of the magnitude,
+  at each rounding the composition has: after the norm, after the residual add, after the scale.
+- bf16 bit equality: the roundings happen where torch's happen, so two results differ only
+  when the fp32 values straddle a bf16 rounding boundary, which for values within a relative
+  delta of each other happens for at most a fraction 2 delta / 2^-8 of them. A kernel that
+  rounded at another point (or not at all) would differ on a large share of the values.
+"""
+import pytest
+import torch
+
+from _bounds import gamma, unit_roundoff
+from _native_builds import lib  # noqa: F401 (the fixture)
+from diffcli.compute import native
+from diffcli.compute.backend import set_backend
+from diffcli.model import layers
+
+U32 = 2.0 ** -24
+
+
+@pytest.fixture(params=["default", "portable"])
+def path(lib, request):
+    """The row path: the build's default (AVX-512 registers where built with it) or the portable
+    loops (the only path of the scalar and AVX2 builds)."""
+    if request.param == "portable" and native.simd() != "avx512":
+        pytest.skip("this build has the portable rows only (the default path covers them)")
+    native._library().dn_norm_portable(int(request.param == "portable"))
+    yield request.param
+    native._library().dn_norm_portable(0)
+
+
+def _reference(fn, *args, **kw):
+    set_backend("torch")
+    try:
+        return fn(*args, **kw)
+    finally:
+        set_backend(None)
+
+
+def _norm_magnitude(s: torch.Tensor, weight, eps: float) -> torch.Tensor:
+    """m = |s r w| in float64 (s the rounded norm input)."""
+    s = s.double()
+    m = s.abs() * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    return m * weight.double().abs() if weight is not None else m
+
+
+def _data(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    x2 = torch.randn(shape, generator=g).to(dtype)
+    res = torch.randn(shape, generator=g).to(dtype)
+    w = torch.rand(shape[-1], generator=g) + 0.5
+    return x, x2, res, w
+
+
+OPTIONS = [dict(), dict(plus=True), dict(residual=True), dict(plus=True, residual=True, scale=0.71),
+           dict(scale=1.7), dict(weight=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 512), (64, 2816), (33, 8, 64), (5, 40), (3, 7), (1, 16)])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o) or "plain")
+def test_rms_norm_matches_torch(path, dtype, shape, opts):
+    x, x2, res, w = _data(shape, dtype, seed=len(shape) * 1000 + shape[-1])
+    kw = dict(plus=x2 if opts.get("plus") else None, residual=res if opts.get("residual") else None,
+              scale=opts.get("scale", 1.0))
+    weight = None if opts.get("weight") is False else w
+    ref = _reference(layers.rms, x, weight, 1e-6, **kw)
+    set_backend("native")
+    got = layers.rms(x, weight, 1e-6, **kw)
+    set_backend(None)
+    assert got.dtype == dtype and got.shape == x.shape
+
+    D, u = shape[-1], unit_roundoff(dtype)
+    s = x if kw["plus"] is None else x + kw["plus"]
+    m = _norm_magnitude(s, weight, 1e-6)
+    delta = gamma(D) + 12 * U32                                  # relative, on the fp32 norm
+    after_norm = delta * m + (2 * u * m if dtype == torch.bfloat16 else 0)
+    if kw["residual"] is not None:
+        after_norm = after_norm + 2 * u * (kw["residual"].double().abs() + m)
+    bound = abs(kw["scale"]) * after_norm + 2 * u * ref.double().abs()
+    err = (got.double() - ref.double()).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    if dtype == torch.bfloat16:
+        share = (got != ref).double().mean().item()
+        assert share <= 2 * delta / 2.0 ** -8, f"{share:.2%} of the values differ from torch's bits"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,heads,D", [(256, 8, 64), (17, 2, 128), (9, 4, 512), (6, 3, 40), (4, 1, 6)])
+def test_rms_rope_matches_torch(path, dtype, T, heads, D):
+    x, _, _, w = _data((T, heads, D), dtype, seed=T * D)
+    g = torch.Generator().manual_seed(D)
+    angle = torch.rand(T, D // 2, generator=g) * 300
+    angle = torch.cat([angle, angle], dim=-1)
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+    ref = _reference(layers.rms_rope, x, w, 1e-6, cos, sin)
+    set_backend("native")
+    got = layers.rms_rope(x, w, 1e-6, cos, sin)
+    set_backend(None)
+    assert got.dtype == dtype and got.shape == x.shape
+
+    u = unit_roundoff(dtype)
+    m = _norm_magnitude(x, w, 1e-6)                              # [T, heads, D]
+    dy = (gamma(D) + 12 * U32) * m + (2 * u * m if dtype == torch.bfloat16 else 0)
+    rot = torch.cat([m[..., D // 2:], m[..., :D // 2]], dim=-1)
+    drot = torch.cat([dy[..., D // 2:], dy[..., :D // 2]], dim=-1)
+    c, s = cos.double().abs(), sin.double().abs()
+    bound = dy * c + drot * s + 6 * U32 * (m * c + rot * s) + 2 * u * ref.double().abs()
+    err = (got.double() - ref.double()).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    if dtype == torch.bfloat16:
+        share = (got != ref).double().mean().item()
+        assert share <= 2 * (gamma(D) + 12 * U32) / 2.0 ** -8 * 2 + 1 / got.numel()
+
+
+def test_norm_results_do_not_depend_on_threads(lib):
+    x, x2, res, w = _data((300, 512), torch.bfloat16, seed=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
+        torch.set_num_threads(2)
+        two = native.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_norm_takes_strided_input_and_leaves_it(lib):
+    x, _, res, w = _data((64, 128), torch.float32, seed=4)
+    xt = x.t().contiguous().t()                                  # same values, column-major
+    keep = xt.clone()
+    assert torch.equal(native.rms_norm(xt, w, 1e-6, add=res), native.rms_norm(x, w, 1e-6, add=res))
+    assert torch.equal(xt, keep)
+
+
+def test_norm_edge_values(lib):
+    """A zero row normalizes to zeros (eps keeps the scale finite); inf and NaN propagate as in
+    torch's composition; empty inputs give empty outputs."""
+    x = torch.zeros(3, 32)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        got, ref = native.rms_norm(xd, None, 1e-6), _reference(layers.rms, xd, None, 1e-6)
+        assert torch.equal(got[0], ref[0]) and not got[0].any()
+        assert torch.equal(got.isnan(), ref.isnan())
+    assert native.rms_norm(torch.zeros(0, 16), None, 1e-6).shape == (0, 16)
+
+
+def test_bad_norm_calls_raise(lib):
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="weight has 16 values"):
+        native.rms_norm(x, torch.ones(16), 1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        native.rms_norm(x, None, 1e-6, add=torch.randn(4, 32).bfloat16())
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        native.rms_norm(x.double(), None, 1e-6)
+    with pytest.raises(ValueError, match="rotary tables"):
+        native.rms_rope(x.view(4, 1, 32), None, 1e-6, torch.ones(3, 32), torch.ones(3, 32))
+    with pytest.raises(ValueError, match=r"\[T, heads, D\]"):
+        native.rms_rope(x, None, 1e-6, torch.ones(4, 32), torch.ones(4, 32))
+    with pytest.raises(ValueError, match="even"):
+        native.rms_rope(torch.randn(2, 1, 7), None, 1e-6, torch.ones(2, 7), torch.ones(2, 7))
+
+
+def test_layers_take_the_native_norms_only_on_the_native_backend(lib, monkeypatch):
+    calls = []
+    monkeypatch.setattr(native, "rms_norm", lambda *a, **k: calls.append("norm") or a[0])
+    set_backend("torch")
+    layers.rms(torch.randn(2, 16), None)
+    assert calls == []
+    set_backend("native")
+    layers.rms(torch.randn(2, 16), None)
+    layers.rms(torch.randn(2, 16).double(), None)                # float64: the torch composition
+    set_backend(None)
+    assert calls == ["norm"]
