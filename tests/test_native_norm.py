@@ -186,3 +186,41 @@ def test_layers_take_the_native_norms_only_on_the_native_backend(lib, monkeypatc
     layers.rms(torch.randn(2, 16).double(), None)                # float64: the torch composition
     set_backend(None)
     assert calls == ["norm"]
+
+
+@pytest.mark.parametrize("n", [0, 5, 16, 1000, 70001])
+def test_to_bf16_is_torchs_rounding(lib, n):
+    """dn_to_bf16 (the matmuls' fp32 -> bf16 results) gives torch's bits: ties to even, the
+    largest values rounding to inf, subnormals, signed zeros, inf, NaN (quiet)."""
+    g = torch.Generator().manual_seed(n)
+    bits = torch.randint(-2 ** 31, 2 ** 31 - 1, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32).clone()
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 3.4e38, -3.4e38,
+                            1e-40, -1e-45, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, 1.0 + 2 ** -8 + 2 ** -20])
+    x[:min(n, len(special))] = special[:n]
+    got = native._narrow(x, torch.bfloat16)
+    ref = x.to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16)[~ref.isnan()], ref.view(torch.int16)[~ref.isnan()])
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+@pytest.mark.parametrize("cap", [30.0, 25.0, 1.0])
+def test_softcap_matches_tanh(lib, cap):
+    """dn_softcap against cap * tanh(x / cap) in float64. Its tanh is (1 - e) / (1 + e) with
+    e = exp(-2|x| / cap) from a degree-6 polynomial (relative error < 2e-7 < 4 u32): e's error
+    reaches tanh at most halved, and the division, the two sums and the products by 1 / cap and
+    cap add one rounding each, so |error| <= cap * 8 u32 + 4 u32 |result|. inf gives +-cap, NaN
+    stays NaN."""
+    g = torch.Generator().manual_seed(int(cap))
+    x = torch.cat([torch.randn(70000, generator=g) * 3 * cap, torch.randn(999, generator=g) * 1e-3,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e30, -1e-30])])
+    ref = cap * torch.tanh(x.double() / cap)
+    got = native.softcap_(x.clone(), cap)
+    assert ((got.double() - ref).abs() <= cap * 8 * U32 + 4 * U32 * ref.abs()).all()
+    nan = torch.tensor([float("nan")] * 9)
+    assert native.softcap_(nan, cap).isnan().all()
+    set_backend("native")
+    y = x.clone()
+    assert layers.softcap_(y, cap) is y                          # in place, through the library
+    set_backend(None)
+    assert torch.equal(y, got)

@@ -98,6 +98,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_rms_norm.argtypes = [ptr, ptr, i64, i64, i32, ptr, f32, ptr, f32, ptr]
     lib.dn_rms_rope.argtypes = [ptr, i64, i64, i64, i32, ptr, f32, ptr, ptr, ptr]
     lib.dn_norm_portable.argtypes = [i32]
+    lib.dn_to_bf16.argtypes = [ptr, i64, ptr]
+    lib.dn_softcap.argtypes = [ptr, i64, f32]
+    lib.dn_to_bf16.restype = lib.dn_softcap.restype = i32
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
                lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
                lib.dn_quantize_q8, lib.dn_transpose_q8_0, lib.dn_rms_norm, lib.dn_rms_rope):
@@ -288,6 +291,16 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous()
 
 
+def _narrow(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernels' fp32 result y in `dtype`: bf16 through dn_to_bf16 (the same rounding as
+    y.to(torch.bfloat16), in one parallel pass instead of torch's copy kernel), else y.to."""
+    if dtype != torch.bfloat16:
+        return y.to(dtype)
+    out = torch.empty(y.shape, dtype=torch.bfloat16)
+    _call("dn_to_bf16", y.data_ptr(), y.numel(), out.data_ptr())
+    return out
+
+
 def dequantize(qt: QTensor) -> torch.Tensor:
     """qt as float32, shape qt.shape (same values as gguf.quants.dequantize, bit for bit)."""
     raw = _raw(qt)
@@ -322,7 +335,7 @@ def qmatmul(x: torch.Tensor, qt: QTensor, out_dtype: torch.dtype | None = None,
         y = out.view(xk.shape[0], N)
     _call("dn_qmatmul" + _q8(kind, qt) + kind, xk.data_ptr(), xk.shape[0], K, raw.data_ptr(), QTYPE_IDS[qt.qtype], N,
           y.data_ptr())
-    return y.view(*x.shape[:-1], N).to(out_dtype or x.dtype)
+    return _narrow(y.view(*x.shape[:-1], N), out_dtype or x.dtype)
 
 
 def qmatmul_t(x: torch.Tensor, qt: QTensor) -> torch.Tensor:
@@ -395,7 +408,16 @@ def moe(x: torch.Tensor, gate_up: QTensor, down: QTensor, ids: torch.Tensor,
     _call("dn_moe" + _q8(kind, gate_up, down) + kind, xk.data_ptr(), xk.shape[0], K, _raw(gate_up).data_ptr(), QTYPE_IDS[gate_up.qtype],
           _raw(down).data_ptr(), QTYPE_IDS[down.qtype], E, F, idx.data_ptr(), w.data_ptr(),
           idx.shape[1], out.data_ptr())
-    return out.to(out_dtype or x.dtype)
+    return _narrow(out, out_dtype or x.dtype)
+
+
+def softcap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) in place on a contiguous fp32 CPU tensor (dn_softcap: the exp-based
+    tanh of dn_vocab, one pass); returns it."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not logits.is_contiguous():
+        raise ValueError(f"softcap_: needs a contiguous fp32 CPU tensor, got {logits.dtype} on {logits.device}")
+    _call("dn_softcap", logits.data_ptr(), logits.numel(), float(cap))
+    return logits
 
 
 def vocab(logits: torch.Tensor, cap: float | None, temperature: float, *, in_place: bool = False):

@@ -91,6 +91,9 @@ DN_API int dn_vocab(const float* logits, int64_t C, int64_t V, float cap, float 
                     uint16_t* probs, int64_t* argmax, float* lse, float* entropy);
 DN_API int dn_vocab_from_bf16(const uint16_t* logits, int64_t C, int64_t V, float cap, float temperature,
                               uint16_t* probs, int64_t* argmax, float* lse, float* entropy);
+// x[0..n) = cap * tanh(x / cap) in place (nothing when cap <= 0), by the exp-based formula of
+// dn_vocab's softcap (within a few fp32 ulps of cap of torch.tanh): the logits of an unfused step.
+DN_API int dn_softcap(float* x, int64_t n, float cap);
 // out[c] = the first v with sum(probs[c, :v+1]) > u[c] * sum(probs[c, :]) (bf16 probs, any scale;
 // u in [0, 1)): one draw per row by the inverse CDF.
 DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const double* u, int64_t* out);
@@ -149,3 +152,5 @@ DN_API int dn_rms_rope(const void* x, int64_t T, int64_t heads, int64_t D, int b
 // dn_norm_portable(1): the two calls above take their portable row loops even in an AVX-512
 // build (the tests run both); (0) back to the default.
 DN_API void dn_norm_portable(int on);
+// dst[0..n) = src[0..n) as bf16 bits, rounded as torch's .to(torch.bfloat16) (nearest even).
+DN_API int dn_to_bf16(const float* src, int64_t n, uint16_t* dst);

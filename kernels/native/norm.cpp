@@ -1,4 +1,5 @@
-// RMSNorm with the element-wise steps around it fused (dn_rms_norm, dn_rms_rope).
+// RMSNorm with the element-wise steps around it fused (dn_rms_norm, dn_rms_rope), and the fp32 ->
+// bf16 narrowing of the matmuls' results (dn_to_bf16).
 //
 // Legend: R rows, D values per row (the normalized axis), T tokens.
 //
@@ -167,12 +168,20 @@ inline __m512 vload(const uint16_t* p) {
 }
 inline __m512 vload(const float* p) { return _mm512_loadu_ps(p); }
 template <typename T> inline __m512 vround(__m512 v);
-template <> inline __m512 vround<uint16_t>(__m512 v) {
-#if DN_AVX512BF16   // vcvtneps2bf16 rounds as bf16_round_bits does (nearest even, NaN made quiet)
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-#else
-    return _mm512_castsi512_ps(bf16_round_bits(_mm512_castps_si512(v)));
+// bf16 bits of 16 values in the low halves of 32-bit lanes. vcvtneps2bf16 rounds as
+// bf16_round_bits does (nearest even, NaN made quiet) except that it flushes fp32 subnormals to
+// zero, so a vector holding one takes the integer rounding.
+inline __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+#if DN_AVX512BF16
+    const __m512i exp = _mm512_set1_epi32(0x7f800000);
+    const __mmask16 tiny = _mm512_testn_epi32_mask(u, exp) & _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7fffff));
+    if (!tiny) return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
 #endif
+    return _mm512_srli_epi32(bf16_round_bits(u), 16);
+}
+template <> inline __m512 vround<uint16_t>(__m512 v) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
 }
 template <> inline __m512 vround<float>(__m512 v) { return v; }
 // v holds bf16 values already (vround), so narrowing is a truncation.
@@ -278,11 +287,34 @@ void rms_rope(const T* x, int64_t tokens, int64_t heads, int64_t D, const float*
     }
 }
 
+// dst[i] = bf16(src[i]) for i in [j0, j1) (nearest even, NaN quiet).
+void narrow_span(const float* src, int64_t j0, int64_t j1, uint16_t* dst) {
+    int64_t j = j0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= j1; j += 16)
+        _mm256_storeu_si256((__m256i*)(dst + j), _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(src + j))));
+#endif
+    for (; j < j1; ++j) {
+        uint32_t u;
+        memcpy(&u, src + j, 4);
+        dst[j] = (uint16_t)(bf16_round_bits(u) >> 16);
+    }
+}
+
 int g_portable = 0;   // dn_norm_portable(1): the portable rows even where AVX-512 is built in
 
 }  // namespace
 
 DN_API void dn_norm_portable(int on) { g_portable = on; }
+
+DN_API int dn_to_bf16(const float* src, int64_t n, uint16_t* dst) {
+    if (n < 0) return DN_E_SHAPE;
+    constexpr int64_t CHUNK = 1 << 14;
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) if (n >= 4 * PAR_MIN)
+    for (int64_t c = 0; c < chunks; ++c) narrow_span(src, c * CHUNK, std::min(n, (c + 1) * CHUNK), dst);
+    return DN_OK;
+}
 
 DN_API int dn_rms_norm(const void* x, const void* x2, int64_t R, int64_t D, int bf16, const float* w,
                        float eps, const void* add, float scale, void* out) {

@@ -237,6 +237,26 @@ DN_API int dn_vocab_from_bf16(const uint16_t* logits, int64_t C, int64_t V, floa
     return vocab(logits, C, V, cap, temperature, probs, argmax, lse, entropy);
 }
 
+DN_API int dn_softcap(float* x, int64_t n, float cap) {
+    if (n < 0) return DN_E_SHAPE;
+    if (!(cap > 0)) return DN_OK;
+    constexpr int64_t SPAN = 1 << 14;
+    const int64_t spans = (n + SPAN - 1) / SPAN;
+#pragma omp parallel for schedule(static) if (spans > 4)
+    for (int64_t c = 0; c < spans; ++c) {
+        int64_t j = c * SPAN;
+        const int64_t end = std::min(n, j + SPAN);
+#if DN_V256
+        for (; j + 8 <= end; j += 8) {   // NaN stays NaN (softcap8 alone clamps it into range)
+            const __m256 v = _mm256_loadu_ps(x + j);
+            _mm256_storeu_ps(x + j, _mm256_blendv_ps(softcap8(v, cap), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        }
+#endif
+        for (; j < end; ++j) x[j] = softcap1(x[j], cap);
+    }
+    return DN_OK;
+}
+
 DN_API int dn_draw_bf16(const uint16_t* probs, int64_t C, int64_t V, const double* u, int64_t* out) {
     if (C < 0 || V <= 0) return DN_E_SHAPE;
 #pragma omp parallel for schedule(static) if (C > 1)
