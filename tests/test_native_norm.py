@@ -224,3 +224,31 @@ def test_softcap_matches_tanh(lib, cap):
     assert layers.softcap_(y, cap) is y                          # in place, through the library
     set_backend(None)
     assert torch.equal(y, got)
+
+
+def test_round_bf16_in_place_is_torchs_rounding(lib):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-2 ** 31, 2 ** 31 - 1, (50021,), generator=g, dtype=torch.int64).to(torch.int32) \
+        .view(torch.float32).clone()
+    x[:6] = torch.tensor([1e-40, -1e-39, 1.0 + 2 ** -8, 3.4e38, float("inf"), float("nan")])
+    ref = x.to(torch.bfloat16).float()
+    got = native.round_bf16_(x)
+    assert got is x
+    keep = ~ref.isnan()
+    assert torch.equal(got[keep].view(torch.int32), ref[keep].view(torch.int32))
+    assert torch.equal(got.isnan(), ref.isnan())
+
+
+def test_softmax_bf16_matches_torch(lib):
+    """compute.vocab.softmax_bf16 (dn_vocab, no cap, temperature 1) against torch.softmax then
+    bf16: the fp32 probabilities differ by the exp polynomial (< 4 u32 relative) and the sum's
+    order (gamma(V)), and the bf16 rounding adds at most one ulp (2^-7 relative)."""
+    from diffcli.compute import vocab as cpu_vocab
+    g = torch.Generator().manual_seed(8)
+    V = 5000
+    for logits in (torch.randn(16, V, generator=g) * 4, (torch.randn(8, V, generator=g) * 4).bfloat16()):
+        ref = torch.softmax(logits.float(), dim=-1).double()
+        got = cpu_vocab.softmax_bf16(logits)
+        assert got.dtype == torch.bfloat16
+        bound = (gamma(V) + 8 * U32 + 2.0 ** -7) * ref + 2.0 ** -133
+        assert ((got.double() - ref).abs() <= bound).all()

@@ -100,7 +100,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.dn_norm_portable.argtypes = [i32]
     lib.dn_to_bf16.argtypes = [ptr, i64, ptr]
     lib.dn_softcap.argtypes = [ptr, i64, f32]
-    lib.dn_to_bf16.restype = lib.dn_softcap.restype = i32
+    lib.dn_round_bf16.argtypes = [ptr, i64]
+    lib.dn_to_bf16.restype = lib.dn_softcap.restype = lib.dn_round_bf16.restype = i32
     for fn in (lib.dn_dequantize, lib.dn_qmatmul, lib.dn_moe, lib.dn_qmatmul_bf16, lib.dn_moe_bf16,
                lib.dn_qmatmul_q8, lib.dn_qmatmul_q8_bf16, lib.dn_moe_q8, lib.dn_moe_q8_bf16,
                lib.dn_quantize_q8, lib.dn_transpose_q8_0, lib.dn_rms_norm, lib.dn_rms_rope):
@@ -299,6 +300,15 @@ def _narrow(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(y.shape, dtype=torch.bfloat16)
     _call("dn_to_bf16", y.data_ptr(), y.numel(), out.data_ptr())
     return out
+
+
+def round_bf16_(y: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 CPU tensor rounded to bf16 values in place (dn_round_bf16): the values of
+    y.to(torch.bfloat16).float(), in one pass and no copy; returns y."""
+    if y.dtype != torch.float32 or y.device.type != "cpu" or not y.is_contiguous():
+        raise ValueError(f"round_bf16_: needs a contiguous fp32 CPU tensor, got {y.dtype} on {y.device}")
+    _call("dn_round_bf16", y.data_ptr(), y.numel())
+    return y
 
 
 def dequantize(qt: QTensor) -> torch.Tensor:

@@ -61,6 +61,17 @@ def qlinear(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
     return x @ dequantize(w, x.dtype, x.device).t()
 
 
+def qlinear_float(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
+    """qlinear(x, w).float(): the product rounded to x's dtype, returned as fp32 (the head's
+    logits). On the native backend with bf16 x the kernel's fp32 result is rounded in place
+    instead of narrowed to a bf16 tensor and widened back (two [C, V] copies)."""
+    if isinstance(w, QTensor) and x.dtype == torch.bfloat16 and backend_for(x.device.type) == "native":
+        from . import native
+        if native.supports(w.qtype, x.dtype):
+            return native.round_bf16_(native.qmatmul(x, w, out_dtype=torch.float32))
+    return qlinear(x, w).float()
+
+
 def moe_experts(x: torch.Tensor, gate_up: QTensor | torch.Tensor, down: QTensor | torch.Tensor,
                 ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Routed experts: out[t] = sum_a weights[t,a] * down_e(gelu(gate_e(x_t)) * up_e(x_t)).

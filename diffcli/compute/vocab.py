@@ -75,6 +75,12 @@ def head_logits(x: torch.Tensor, E: torch.Tensor | QTensor, out: torch.Tensor | 
     return x.to(E.dtype) @ E.t()
 
 
+def softmax_bf16(logits: torch.Tensor) -> torch.Tensor:
+    """softmax(logits) [C, V] as bf16, fused (dn_vocab without softcap, temperature 1): the
+    probabilities of torch.softmax(logits.float()).to(bf16) but for the exp's last fp32 bits."""
+    return native.vocab(logits, None, 1.0)[0]
+
+
 def vocab_stats(logits: torch.Tensor, cap: float | None, temperature: float):
     """(probs bf16 [C, V], argmax, lse, entropy) of logits [C, V]; bf16 logits are overwritten."""
     return native.vocab(logits, cap, temperature, in_place=True)

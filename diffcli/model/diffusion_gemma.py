@@ -154,6 +154,8 @@ class DiffusionGemma:
             E = self._dense_embedding()
         if E is not None:
             logits = (x.to(E.device, E.dtype) @ E.t()).to(self.device).float()   # [C, V]
+        elif self.w.embed.device == x.device:
+            logits = ops.qlinear_float(x, self.w.embed)
         else:
             logits = self._lin(x, self.w.embed).float()
         return softcap_(logits, self.config.final_logit_softcap)
@@ -196,7 +198,11 @@ class DiffusionGemma:
         if sc_logits is not None and not self.cache_embedding and self._embed_blocks_native():
             # straight from the embedding's blocks (native kernel): no dense [V, H] copy
             from ..compute import vocab as cpu_vocab
-            probs = torch.softmax(sc_logits.to(self.w.embed.device).float(), dim=-1)   # [C, V]
+            sc = sc_logits.to(self.w.embed.device)
+            if self.dtype == torch.bfloat16:   # softmax straight to bf16 in one native pass
+                probs = cpu_vocab.softmax_bf16(sc)                                   # [C, V]
+            else:
+                probs = torch.softmax(sc.float(), dim=-1)                            # [C, V]
             sc_soft = cpu_vocab.soft_embedding(probs.to(self.dtype), self.w.embed)    # [C, H]
         elif sc_logits is not None:
             E = self._dense_embedding()                                # [V, H]

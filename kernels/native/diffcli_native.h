@@ -154,3 +154,5 @@ DN_API int dn_rms_rope(const void* x, int64_t T, int64_t heads, int64_t D, int b
 DN_API void dn_norm_portable(int on);
 // dst[0..n) = src[0..n) as bf16 bits, rounded as torch's .to(torch.bfloat16) (nearest even).
 DN_API int dn_to_bf16(const float* src, int64_t n, uint16_t* dst);
+// x[0..n) rounded to bf16 in place, kept as fp32 (x.to(torch.bfloat16).float() without the copies).
+DN_API int dn_round_bf16(float* x, int64_t n);

@@ -307,6 +307,22 @@ int g_portable = 0;   // dn_norm_portable(1): the portable rows even where AVX-5
 
 DN_API void dn_norm_portable(int on) { g_portable = on; }
 
+DN_API int dn_round_bf16(float* x, int64_t n) {
+    if (n < 0) return DN_E_SHAPE;
+    constexpr int64_t CHUNK = 1 << 14;
+    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static) if (n >= 4 * PAR_MIN)
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t j0 = c * CHUNK, j1 = std::min(n, j0 + CHUNK);
+        int64_t j = j0;
+#if defined(__AVX512F__)
+        for (; j + 16 <= j1; j += 16) _mm512_storeu_ps(x + j, vround<uint16_t>(_mm512_loadu_ps(x + j)));
+#endif
+        round_bf16(x + j, j1 - j);
+    }
+    return DN_OK;
+}
+
 DN_API int dn_to_bf16(const float* src, int64_t n, uint16_t* dst) {
     if (n < 0) return DN_E_SHAPE;
     constexpr int64_t CHUNK = 1 << 14;
