@@ -1,7 +1,8 @@
 """The native fused norms (kernels/native/norm.cpp: dn_rms_norm, dn_rms_rope) against the torch
 composition they replace (diffcli.model.layers.rms / rms_rope on the torch backend), on every
 SIMD build this CPU runs (tests/_native_builds.py) and, in an AVX-512 build, on both row paths
-(the register one and the portable one, dn_norm_portable).
+(the register one and the portable one, dn_norm_portable); with the fp32 -> bf16 conversions
+(dn_to_bf16, dn_round_bf16), the softcap and the bf16 softmax of the native step.
 
 Bounds, from the arithmetic (u32 = 2^-24, u = the activation dtype's unit roundoff):
 - The two sides run the same element-wise operations in the same order, so they differ only
@@ -28,15 +29,22 @@ from diffcli.model import layers
 U32 = 2.0 ** -24
 
 
-@pytest.fixture(params=["default", "portable"])
-def path(lib, request):
-    """The row path: the build's default (AVX-512 registers where built with it) or the portable
-    loops (the only path of the scalar and AVX2 builds)."""
-    if request.param == "portable" and native.simd() != "avx512":
-        pytest.skip("this build has the portable rows only (the default path covers them)")
-    native._library().dn_norm_portable(int(request.param == "portable"))
-    yield request.param
-    native._library().dn_norm_portable(0)
+def _row_paths():
+    """The row paths of the loaded build, as dn_norm_portable settings: an AVX-512 build has the
+    register path (0) and the portable loops (1); the scalar and AVX2 builds the portable only."""
+    return [0, 1] if native.simd() == "avx512" else [0]
+
+
+def _each_path(fn):
+    """fn() under every row path of the loaded build; the results, in _row_paths order."""
+    out = []
+    try:
+        for portable in _row_paths():
+            native._library().dn_norm_portable(portable)
+            out.append(fn())
+    finally:
+        native._library().dn_norm_portable(0)
+    return out
 
 
 def _reference(fn, *args, **kw):
@@ -70,15 +78,20 @@ OPTIONS = [dict(), dict(plus=True), dict(residual=True), dict(plus=True, residua
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 512), (64, 2816), (33, 8, 64), (5, 40), (3, 7), (1, 16)])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o) or "plain")
-def test_rms_norm_matches_torch(path, dtype, shape, opts):
+def test_rms_norm_matches_torch(lib, dtype, shape, opts):
     x, x2, res, w = _data(shape, dtype, seed=len(shape) * 1000 + shape[-1])
     kw = dict(plus=x2 if opts.get("plus") else None, residual=res if opts.get("residual") else None,
               scale=opts.get("scale", 1.0))
     weight = None if opts.get("weight") is False else w
     ref = _reference(layers.rms, x, weight, 1e-6, **kw)
     set_backend("native")
-    got = layers.rms(x, weight, 1e-6, **kw)
+    results = _each_path(lambda: layers.rms(x, weight, 1e-6, **kw))
     set_backend(None)
+    for got in results:
+        _check_norm(got, ref, x, weight, kw, dtype, shape)
+
+
+def _check_norm(got, ref, x, weight, kw, dtype, shape):
     assert got.dtype == dtype and got.shape == x.shape
 
     D, u = shape[-1], unit_roundoff(dtype)
@@ -98,7 +111,7 @@ def test_rms_norm_matches_torch(path, dtype, shape, opts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,heads,D", [(256, 8, 64), (17, 2, 128), (9, 4, 512), (6, 3, 40), (4, 1, 6)])
-def test_rms_rope_matches_torch(path, dtype, T, heads, D):
+def test_rms_rope_matches_torch(lib, dtype, T, heads, D):
     x, _, _, w = _data((T, heads, D), dtype, seed=T * D)
     g = torch.Generator().manual_seed(D)
     angle = torch.rand(T, D // 2, generator=g) * 300
@@ -106,10 +119,14 @@ def test_rms_rope_matches_torch(path, dtype, T, heads, D):
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
     ref = _reference(layers.rms_rope, x, w, 1e-6, cos, sin)
     set_backend("native")
-    got = layers.rms_rope(x, w, 1e-6, cos, sin)
+    results = _each_path(lambda: layers.rms_rope(x, w, 1e-6, cos, sin))
     set_backend(None)
-    assert got.dtype == dtype and got.shape == x.shape
+    for got in results:
+        _check_rope(got, ref, x, w, cos, sin, dtype, D)
 
+
+def _check_rope(got, ref, x, w, cos, sin, dtype, D):
+    assert got.dtype == dtype and got.shape == x.shape
     u = unit_roundoff(dtype)
     m = _norm_magnitude(x, w, 1e-6)                              # [T, heads, D]
     dy = (gamma(D) + 12 * U32) * m + (2 * u * m if dtype == torch.bfloat16 else 0)
