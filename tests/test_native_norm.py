@@ -22,7 +22,7 @@ import torch
 
 from _bounds import gamma, unit_roundoff
 from _native_builds import lib  # noqa: F401 (the fixture)
-from diffcli.compute import native
+from diffcli.compute import elementwise, native
 from diffcli.compute.backend import set_backend
 from diffcli.model import layers
 
@@ -146,9 +146,9 @@ def test_norm_results_do_not_depend_on_threads(lib):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
+        one = elementwise.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
         torch.set_num_threads(2)
-        two = native.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
+        two = elementwise.rms_norm(x, w, 1e-6, x2=x2, add=res, scale=0.5)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
@@ -158,7 +158,7 @@ def test_norm_takes_strided_input_and_leaves_it(lib):
     x, _, res, w = _data((64, 128), torch.float32, seed=4)
     xt = x.t().contiguous().t()                                  # same values, column-major
     keep = xt.clone()
-    assert torch.equal(native.rms_norm(xt, w, 1e-6, add=res), native.rms_norm(x, w, 1e-6, add=res))
+    assert torch.equal(elementwise.rms_norm(xt, w, 1e-6, add=res), elementwise.rms_norm(x, w, 1e-6, add=res))
     assert torch.equal(xt, keep)
 
 
@@ -170,31 +170,31 @@ def test_norm_edge_values(lib):
     x[2, 7] = float("nan")
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
-        got, ref = native.rms_norm(xd, None, 1e-6), _reference(layers.rms, xd, None, 1e-6)
+        got, ref = elementwise.rms_norm(xd, None, 1e-6), _reference(layers.rms, xd, None, 1e-6)
         assert torch.equal(got[0], ref[0]) and not got[0].any()
         assert torch.equal(got.isnan(), ref.isnan())
-    assert native.rms_norm(torch.zeros(0, 16), None, 1e-6).shape == (0, 16)
+    assert elementwise.rms_norm(torch.zeros(0, 16), None, 1e-6).shape == (0, 16)
 
 
 def test_bad_norm_calls_raise(lib):
     x = torch.randn(4, 32)
     with pytest.raises(ValueError, match="weight has 16 values"):
-        native.rms_norm(x, torch.ones(16), 1e-6)
+        elementwise.rms_norm(x, torch.ones(16), 1e-6)
     with pytest.raises(ValueError, match="does not match"):
-        native.rms_norm(x, None, 1e-6, add=torch.randn(4, 32).bfloat16())
+        elementwise.rms_norm(x, None, 1e-6, add=torch.randn(4, 32).bfloat16())
     with pytest.raises(ValueError, match="fp32 or bf16"):
-        native.rms_norm(x.double(), None, 1e-6)
+        elementwise.rms_norm(x.double(), None, 1e-6)
     with pytest.raises(ValueError, match="rotary tables"):
-        native.rms_rope(x.view(4, 1, 32), None, 1e-6, torch.ones(3, 32), torch.ones(3, 32))
+        elementwise.rms_rope(x.view(4, 1, 32), None, 1e-6, torch.ones(3, 32), torch.ones(3, 32))
     with pytest.raises(ValueError, match=r"\[T, heads, D\]"):
-        native.rms_rope(x, None, 1e-6, torch.ones(4, 32), torch.ones(4, 32))
+        elementwise.rms_rope(x, None, 1e-6, torch.ones(4, 32), torch.ones(4, 32))
     with pytest.raises(ValueError, match="even"):
-        native.rms_rope(torch.randn(2, 1, 7), None, 1e-6, torch.ones(2, 7), torch.ones(2, 7))
+        elementwise.rms_rope(torch.randn(2, 1, 7), None, 1e-6, torch.ones(2, 7), torch.ones(2, 7))
 
 
 def test_layers_take_the_native_norms_only_on_the_native_backend(lib, monkeypatch):
     calls = []
-    monkeypatch.setattr(native, "rms_norm", lambda *a, **k: calls.append("norm") or a[0])
+    monkeypatch.setattr(elementwise, "rms_norm", lambda *a, **k: calls.append("norm") or a[0])
     set_backend("torch")
     layers.rms(torch.randn(2, 16), None)
     assert calls == []
@@ -232,10 +232,10 @@ def test_softcap_matches_tanh(lib, cap):
     x = torch.cat([torch.randn(70000, generator=g) * 3 * cap, torch.randn(999, generator=g) * 1e-3,
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e30, -1e-30])])
     ref = cap * torch.tanh(x.double() / cap)
-    got = native.softcap_(x.clone(), cap)
+    got = elementwise.softcap_(x.clone(), cap)
     assert ((got.double() - ref).abs() <= cap * 8 * U32 + 4 * U32 * ref.abs()).all()
     nan = torch.tensor([float("nan")] * 9)
-    assert native.softcap_(nan, cap).isnan().all()
+    assert elementwise.softcap_(nan, cap).isnan().all()
     set_backend("native")
     y = x.clone()
     assert layers.softcap_(y, cap) is y                          # in place, through the library
@@ -249,7 +249,7 @@ def test_round_bf16_in_place_is_torchs_rounding(lib):
         .view(torch.float32).clone()
     x[:6] = torch.tensor([1e-40, -1e-39, 1.0 + 2 ** -8, 3.4e38, float("inf"), float("nan")])
     ref = x.to(torch.bfloat16).float()
-    got = native.round_bf16_(x)
+    got = elementwise.round_bf16_(x)
     assert got is x
     keep = ~ref.isnan()
     assert torch.equal(got[keep].view(torch.int32), ref[keep].view(torch.int32))

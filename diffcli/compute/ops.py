@@ -66,9 +66,9 @@ def qlinear_float(x: torch.Tensor, w: QTensor | torch.Tensor) -> torch.Tensor:
     logits). On the native backend with bf16 x the kernel's fp32 result is rounded in place
     instead of narrowed to a bf16 tensor and widened back (two [C, V] copies)."""
     if isinstance(w, QTensor) and x.dtype == torch.bfloat16 and backend_for(x.device.type) == "native":
-        from . import native
+        from . import elementwise, native
         if native.supports(w.qtype, x.dtype):
-            return native.round_bf16_(native.qmatmul(x, w, out_dtype=torch.float32))
+            return elementwise.round_bf16_(native.qmatmul(x, w, out_dtype=torch.float32))
     return qlinear(x, w).float()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..compute import native
+from ..compute import elementwise, native
 from ..compute.backend import backend_for
 
 
@@ -29,7 +29,7 @@ def rms(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6, 
     F.rms_norm is the same formula and a single fused kernel on GPU; on the CPU the native
     library does the whole chain in one pass over each row (a layer runs a dozen of these)."""
     if _native_rows(x):
-        return native.rms_norm(x, weight, eps, x2=plus, add=residual, scale=scale)
+        return elementwise.rms_norm(x, weight, eps, x2=plus, add=residual, scale=scale)
     s = x if plus is None else x + plus
     y = F.rms_norm(s.float(), s.shape[-1:], weight, eps).to(x.dtype)
     if residual is not None:
@@ -42,7 +42,7 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torc
     """rms(x, weight) over the heads of x [T, heads, D], then RoPE in float32 (cos, sin [T, 1, D]),
     in x's dtype: the q and k of a layer."""
     if _native_rows(x):
-        return native.rms_rope(x, weight, eps, cos, sin)
+        return elementwise.rms_rope(x, weight, eps, cos, sin)
     y = rms(x, weight, eps).float()
     return (y * cos + rotate_half(y) * sin).to(x.dtype)
 
@@ -89,11 +89,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 def softcap_(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(logits / cap), in place on a float32 tensor. On the native backend one pass of
-    the library's exp-based tanh (native.softcap_); elsewhere written as 2cap * sigmoid(2x/cap) -
-    cap (the same function; within ~4e-6 of torch.tanh at cap 30): torch's CPU tanh is ~10x
-    slower than its sigmoid, and this runs on every [C, V] step."""
+    the library's exp-based tanh (elementwise.softcap_); elsewhere written as 2cap *
+    sigmoid(2x/cap) - cap (the same function; within ~4e-6 of torch.tanh at cap 30): torch's CPU
+    tanh is ~10x slower than its sigmoid, and this runs on every [C, V] step."""
     if _native_rows(logits) and logits.dtype == torch.float32 and logits.is_contiguous():
-        return native.softcap_(logits, cap)
+        return elementwise.softcap_(logits, cap)
     return logits.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)
 
 

@@ -49,6 +49,19 @@ inline __m512i bf16_round_bits(__m512i u) {
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f800000));
     return _mm512_mask_and_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)), hi);
 }
+
+// bf16 bits of 16 values in the low halves of 32-bit lanes. vcvtneps2bf16 rounds as
+// bf16_round_bits does (nearest even, NaN made quiet) except that it flushes fp32 subnormals to
+// zero, so a vector holding one takes the integer rounding.
+inline __m512i bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+#if DN_AVX512BF16
+    const __m512i exp = _mm512_set1_epi32(0x7f800000);
+    const __mmask16 tiny = _mm512_testn_epi32_mask(u, exp) & _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7fffff));
+    if (!tiny) return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
+#endif
+    return _mm512_srli_epi32(bf16_round_bits(u), 16);
+}
 #endif
 
 // v[0..n) rounded to bf16 (kept as fp32 values).
@@ -56,7 +69,7 @@ inline void round_bf16(float* v, int64_t n) {
     int64_t j = 0;
 #if defined(__AVX512F__)
     for (; j + 16 <= n; j += 16)
-        _mm512_storeu_si512(v + j, bf16_round_bits(_mm512_loadu_si512(v + j)));
+        _mm512_storeu_si512(v + j, _mm512_slli_epi32(bf16_bits(_mm512_loadu_ps(v + j)), 16));
 #endif
     for (; j < n; ++j) {
         uint32_t u;
@@ -168,18 +181,6 @@ inline __m512 vload(const uint16_t* p) {
 }
 inline __m512 vload(const float* p) { return _mm512_loadu_ps(p); }
 template <typename T> inline __m512 vround(__m512 v);
-// bf16 bits of 16 values in the low halves of 32-bit lanes. vcvtneps2bf16 rounds as
-// bf16_round_bits does (nearest even, NaN made quiet) except that it flushes fp32 subnormals to
-// zero, so a vector holding one takes the integer rounding.
-inline __m512i bf16_bits(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-#if DN_AVX512BF16
-    const __m512i exp = _mm512_set1_epi32(0x7f800000);
-    const __mmask16 tiny = _mm512_testn_epi32_mask(u, exp) & _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x7fffff));
-    if (!tiny) return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v));
-#endif
-    return _mm512_srli_epi32(bf16_round_bits(u), 16);
-}
 template <> inline __m512 vround<uint16_t>(__m512 v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
 }
@@ -301,6 +302,14 @@ void narrow_span(const float* src, int64_t j0, int64_t j1, uint16_t* dst) {
     }
 }
 
+// f(j0, j1) over [0, n) in spans of 16k values, in parallel when n is large enough to pay.
+template <typename F> void in_spans(int64_t n, F f) {
+    constexpr int64_t SPAN = 1 << 14;
+    const int64_t spans = (n + SPAN - 1) / SPAN;
+#pragma omp parallel for schedule(static) if (n >= 4 * PAR_MIN)
+    for (int64_t c = 0; c < spans; ++c) f(c * SPAN, std::min(n, (c + 1) * SPAN));
+}
+
 int g_portable = 0;   // dn_norm_portable(1): the portable rows even where AVX-512 is built in
 
 }  // namespace
@@ -309,26 +318,13 @@ DN_API void dn_norm_portable(int on) { g_portable = on; }
 
 DN_API int dn_round_bf16(float* x, int64_t n) {
     if (n < 0) return DN_E_SHAPE;
-    constexpr int64_t CHUNK = 1 << 14;
-    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (n >= 4 * PAR_MIN)
-    for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t j0 = c * CHUNK, j1 = std::min(n, j0 + CHUNK);
-        int64_t j = j0;
-#if defined(__AVX512F__)
-        for (; j + 16 <= j1; j += 16) _mm512_storeu_ps(x + j, vround<uint16_t>(_mm512_loadu_ps(x + j)));
-#endif
-        round_bf16(x + j, j1 - j);
-    }
+    in_spans(n, [&](int64_t j0, int64_t j1) { round_bf16(x + j0, j1 - j0); });
     return DN_OK;
 }
 
 DN_API int dn_to_bf16(const float* src, int64_t n, uint16_t* dst) {
     if (n < 0) return DN_E_SHAPE;
-    constexpr int64_t CHUNK = 1 << 14;
-    const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-#pragma omp parallel for schedule(static) if (n >= 4 * PAR_MIN)
-    for (int64_t c = 0; c < chunks; ++c) narrow_span(src, c * CHUNK, std::min(n, (c + 1) * CHUNK), dst);
+    in_spans(n, [&](int64_t j0, int64_t j1) { narrow_span(src, j0, j1, dst); });
     return DN_OK;
 }
 
