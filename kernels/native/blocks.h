@@ -78,12 +78,30 @@ inline float bf16_to_f32(uint16_t h) {
 }
 
 #if DN_AVX2
-// 8 bytes (signed or unsigned) at p -> 8 floats.
+// 8 signed bytes at p -> 8 floats.
 inline __m256 i8x8_ps(const uint8_t* p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
 }
-inline __m256 u8x8_ps(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+// The 8 signed bytes at position 8 * j (j = 0..3) of v -> 8 floats, in registers. (Storing v and
+// reloading its quarters, as the first AVX2 dequantizers did, stalls: a 32-byte store does not
+// forward to an 8-byte load at an offset, and the loads wait for the store to retire.)
+template <int J>
+inline __m256 i8_quarter_ps(__m256i v) {
+    const __m128i h = J < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(J % 2 ? _mm_unpackhi_epi64(h, h) : h));
+}
+// y[0..32) = d * v's 32 signed bytes - m  (m: nullptr for none), each rounded as the scalar loop.
+inline void store_scaled32(__m256i v, __m256 d, float* y) {
+    _mm256_storeu_ps(y, _mm256_mul_ps(d, i8_quarter_ps<0>(v)));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(d, i8_quarter_ps<1>(v)));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(d, i8_quarter_ps<2>(v)));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(d, i8_quarter_ps<3>(v)));
+}
+inline void store_scaled32(__m256i v, __m256 d, __m256 m, float* y) {
+    _mm256_storeu_ps(y, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<0>(v)), m));
+    _mm256_storeu_ps(y + 8, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<1>(v)), m));
+    _mm256_storeu_ps(y + 16, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<2>(v)), m));
+    _mm256_storeu_ps(y + 24, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<3>(v)), m));
 }
 #endif
 
@@ -103,17 +121,40 @@ inline void dequant_q8_0(const uint8_t* b, float* y) {
 // Q5_0, 32 values in 22 bytes:  | f16 d | u32 qh | qs[16] |
 // qs[k] low nibble = value k, high nibble = value k+16; bit j of qh = 5th bit of value j.
 // value = d * ((nibble | bit << 4) - 16)
+#if DN_AVX2
+// The 32 unsigned 5-bit quants of the Q5_0 block at b, byte k = quant k (0..31).
+inline __m256i q5_0_quants(const uint8_t* b) {
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(b + 6)), nib = _mm_set1_epi8(0x0f);
+    const __m256i q4 = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nib), _mm_and_si128(raw, nib));
+    // qh spread over the bytes: byte k gets byte k / 8 of qh (in each 128-bit lane; lane 1 reads
+    // bytes 2 and 3 of its own copy) and keeps bit k % 8, as 0x10 or 0
+    const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh),
+        _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    const __m256i high = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                                          _mm256_set1_epi8(0x10));
+    return _mm256_or_si256(q4, high);
+}
+#endif
+
 inline void dequant_q5_0(const uint8_t* b, float* y) {
     const float d = f16_to_f32(load_u16(b));
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const uint8_t* qs = b + 6;
+#if DN_AVX2
+    store_scaled32(_mm256_sub_epi8(q5_0_quants(b), _mm256_set1_epi8(16)), _mm256_set1_ps(d), y);   // [-16, 15]
+#else
     for (int k = 0; k < 16; ++k) {
         const int lo = (qs[k] & 0x0f) | (int)(((qh >> k) & 1u) << 4);
         const int hi = (qs[k] >> 4) | (int)(((qh >> (k + 16)) & 1u) << 4);
         y[k] = d * (float)(lo - 16);
         y[k + 16] = d * (float)(hi - 16);
     }
+#endif
 }
 
 // Q4_K, 256 values in 144 bytes:  | f16 d | f16 dmin | scales[12] | qs[128] |
@@ -145,14 +186,9 @@ inline void dequant_q4_k(const uint8_t* b, float* y) {
         const __m256 d0 = _mm256_set1_ps(dl[2 * c]), m0 = _mm256_set1_ps(ml[2 * c]);
         const __m256 d1 = _mm256_set1_ps(dl[2 * c + 1]), m1 = _mm256_set1_ps(ml[2 * c + 1]);
         const __m256i raw = _mm256_loadu_si256((const __m256i*)qs);
-        const __m256i nib = _mm256_set1_epi8(0x0f);
-        alignas(32) uint8_t lo[32], hi[32];
-        _mm256_store_si256((__m256i*)lo, _mm256_and_si256(raw, nib));
-        _mm256_store_si256((__m256i*)hi, _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib));
-        for (int j = 0; j < 32; j += 8) {
-            _mm256_storeu_ps(y + j, _mm256_sub_ps(_mm256_mul_ps(d0, u8x8_ps(lo + j)), m0));
-            _mm256_storeu_ps(y + 32 + j, _mm256_sub_ps(_mm256_mul_ps(d1, u8x8_ps(hi + j)), m1));
-        }
+        const __m256i nib = _mm256_set1_epi8(0x0f);   // nibbles 0-15: as signed bytes too
+        store_scaled32(_mm256_and_si256(raw, nib), d0, m0, y);
+        store_scaled32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), d1, m1, y + 32);
 #else
         for (int l = 0; l < 32; ++l) {
             y[l] = dl[2 * c] * (float)(qs[l] & 15) - ml[2 * c];
@@ -184,20 +220,23 @@ inline void dequant_q6_k(const uint8_t* b, float* y) {
         const __m256i hb = _mm256_loadu_si256((const __m256i*)qh);
         const __m256i nib = _mm256_set1_epi8(0x0f), top = _mm256_set1_epi8(0x30);
         const __m256i off = _mm256_set1_epi8(32);
-        alignas(32) int8_t q[4][32];
-        _mm256_store_si256((__m256i*)q[0], _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, nib),
-                           _mm256_and_si256(_mm256_slli_epi16(hb, 4), top)), off));
-        _mm256_store_si256((__m256i*)q[1], _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, nib),
-                           _mm256_and_si256(_mm256_slli_epi16(hb, 2), top)), off));
-        _mm256_store_si256((__m256i*)q[2], _mm256_sub_epi8(_mm256_or_si256(
-                           _mm256_and_si256(_mm256_srli_epi16(a, 4), nib), _mm256_and_si256(hb, top)), off));
-        _mm256_store_si256((__m256i*)q[3], _mm256_sub_epi8(_mm256_or_si256(
-                           _mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
-                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)), off));
-        for (int g = 0; g < 4; ++g)
-            for (int j = 0; j < 32; j += 8)
-                _mm256_storeu_ps(y + 32 * g + j, _mm256_mul_ps(_mm256_set1_ps(dh[(32 * g + j) / 16]),
-                                                               i8x8_ps((const uint8_t*)q[g] + j)));
+        const __m256i q[4] = {
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(a, nib),
+                                            _mm256_and_si256(_mm256_slli_epi16(hb, 4), top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(c, nib),
+                                            _mm256_and_si256(_mm256_slli_epi16(hb, 2), top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), nib),
+                                            _mm256_and_si256(hb, top)), off),
+            _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
+                                            _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)), off)};
+        for (int g = 0; g < 4; ++g) {   // 32 values, two runs of 16 with their own scales
+            const __m256 s0 = _mm256_set1_ps(dh[2 * g]), s1 = _mm256_set1_ps(dh[2 * g + 1]);
+            float* yg = y + 32 * g;
+            _mm256_storeu_ps(yg, _mm256_mul_ps(s0, i8_quarter_ps<0>(q[g])));
+            _mm256_storeu_ps(yg + 8, _mm256_mul_ps(s0, i8_quarter_ps<1>(q[g])));
+            _mm256_storeu_ps(yg + 16, _mm256_mul_ps(s1, i8_quarter_ps<2>(q[g])));
+            _mm256_storeu_ps(yg + 24, _mm256_mul_ps(s1, i8_quarter_ps<3>(q[g])));
+        }
 #else
         for (int l = 0; l < 32; ++l) {
             const int q0 = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;
