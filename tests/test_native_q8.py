@@ -25,7 +25,7 @@ from diffcli.gguf.qtensor import QTensor
 
 from _bounds import decode_magnitude, gamma
 from _native_builds import lib  # noqa: F401 (the fixture)
-from _qblocks import random_blocks, reference
+from _qblocks import F16_FIELDS, random_blocks, reference
 from _qblocks import random_routing as _routing
 
 Q8 = ["Q4_K", "Q5_0", "Q6_K", "Q8_0"]
@@ -157,6 +157,46 @@ def test_qmatmul_q8(int8, qtype, K, T):
     assert yb[0].isnan().all() and torch.equal(yb[1:], y[1:])
 
 
+# Quant bytes that make every quant its type's largest (Q8_0: +127 and -128 in alternate rows).
+EXTREME = {"Q4_K": 0xFF, "Q5_0": 0xFF, "Q6_K": 0xFF}
+
+
+@pytest.mark.parametrize("qtype,K", [("Q4_K", 512), ("Q5_0", 704), ("Q6_K", 512), ("Q8_0", 288)])
+@pytest.mark.parametrize("T", [1, 6])
+def test_qmatmul_q8_largest_quants(int8, qtype, K, T):
+    """Every quant at its extreme and |xq| = 127 everywhere, with one sign per row: the largest
+    integer sums the kernels form. The AVX2 kernel adds vpmaddubsw's 16-bit pair sums over
+    several quads before widening (8 for Q4_K, 4 for Q5_0, 2 for Q6_K) and takes Q8_0's quants
+    signed; one quad too many, or Q8_0 unsigned, overflows 2^15 here (random blocks never get
+    near it)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    rng = np.random.default_rng(K + T)
+    N = 21
+    raw = random_blocks(qtype, (N, K), rng, scale=0.05)
+    per, bsize = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    blocks = raw.reshape(N, K // per, bsize)
+    keep = np.zeros(bsize, bool)
+    for off in F16_FIELDS[qtype]:
+        keep[off:off + 2] = True
+    if qtype == "Q8_0":
+        blocks[0::2, :, ~keep] = 0x7F
+        blocks[1::2, :, ~keep] = 0x80
+    else:
+        blocks[:, :, ~keep] = EXTREME[qtype]
+    qt = QTensor(torch.from_numpy(raw), qtype, (N, K), qtype)
+    w = reference(raw, qtype, (N, K)).double()
+    sign = np.where(np.arange(T) % 2 == 0, 1.0, -1.0).astype(np.float32)[:, None]
+    x = torch.from_numpy(np.repeat(sign, K, axis=1) * np.float32(0.75)).bfloat16()
+    y = native.qmatmul(x, qt, out_dtype=torch.float32)
+    xq, dx, _ = quantize_ref(x.float().numpy())
+    assert (np.abs(xq) == 127).all()
+    xh = dequantized_x(xq, dx)
+    exact = xh @ w.T
+    slack = 2 * gamma(K // 32 + 4) * (xh.abs() @ magnitude(qt, w).T) + 1e-30
+    err = (y.double() - exact).abs()
+    assert (err <= slack).all(), f"max error {err.max():.3e} (slack {slack.max():.3e})"
+
+
 def test_int8_is_for_bf16_activations_and_q8_types(int8):
     """f32 activations keep the exact fp32 kernels; a type the int8 kernels lack (F16) keeps
     the bf16 one; the switch turns it all back."""
@@ -252,13 +292,20 @@ def test_vnni_follows_the_cpu(lib):
     assert native.has_vnni() == has
 
 
+def test_q8_simd_follows_the_build(lib):
+    """The int8 kernels run on VNNI where the build has it, on vpmaddubsw in every other AVX2 or
+    AVX-512 build, and as plain loops in the x86-64 baseline (and where neither exists)."""
+    want = "vnni" if native.has_vnni() else "avx2" if native.simd() in ("avx2", "avx512") else "portable"
+    assert native.q8_simd() == want
+
+
 def test_int8_default_follows_the_cpu(lib, monkeypatch):
-    """Unset (or auto), int8 is on exactly where the library has VNNI and no AMX tiles are in use;
-    switching the tiles off (where the CPU has them) turns it on, the environment and set_int8
-    override it, and the x86-64 baseline and AVX2 builds (no VNNI) leave it off."""
+    """Unset (or auto), int8 is on exactly where the library has fast int8 products (VNNI or
+    AVX2) and no AMX tiles are in use; switching the tiles off (where the CPU has them) turns it
+    on, the environment and set_int8 override it, and the x86-64 baseline build leaves it off."""
     monkeypatch.delenv("DIFFCLI_NATIVE_INT8", raising=False)
     native.set_int8(None)
-    vnni = native.has_vnni()                      # the CPU's, per test_vnni_follows_the_cpu
+    vnni = native.q8_simd() != "portable"         # per test_q8_simd_follows_the_build
     assert native.int8() == (vnni and not native.amx())
     before = native.amx()
     try:

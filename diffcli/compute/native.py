@@ -21,7 +21,7 @@ import torch
 from ..errors import InputError
 from ..gguf.qtensor import QTensor
 
-ABI_VERSION = 8   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
+ABI_VERSION = 9   # must match DN_ABI_VERSION in kernels/native/diffcli_native.h
 
 # ggml type ids of the formats the library implements.
 QTYPE_IDS = {"F32": 0, "F16": 1, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "BF16": 30}
@@ -88,7 +88,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.restype = i32
     lib.dn_qmatmul_bf16.argtypes = lib.dn_qmatmul.argtypes
     lib.dn_moe_bf16.argtypes = lib.dn_moe.argtypes
-    lib.dn_has_vnni.restype = i32
+    lib.dn_has_vnni.restype = lib.dn_q8_simd.restype = i32
     lib.dn_q8_supports.argtypes = [i32]
     lib.dn_q8_supports.restype = i32
     lib.dn_qmatmul_q8.argtypes = lib.dn_qmatmul_q8_bf16.argtypes = lib.dn_qmatmul.argtypes
@@ -211,13 +211,15 @@ def int8() -> bool:
     fp32 products.
 
     By default (`DIFFCLI_NATIVE_INT8` unset or auto, set_int8(None)) on where they are the
-    fastest products the CPU has: AVX512-VNNI (vpdpbusd: 64 products per instruction against
-    vdpbf16ps' 32; a real-shape step 1.19x faster on a Zen 4) and no AMX tiles in use (amx()).
-    `=1` or set_int8(True) forces it on (portable loops without VNNI), `=0` or False off."""
+    fastest products the CPU has (q8_simd() is not "portable") and no AMX tiles are in use
+    (amx()): AVX512-VNNI (vpdpbusd: 64 products per instruction against vdpbf16ps' 32; a
+    real-shape step 1.19x faster on a Zen 4) and AVX2 (vpmaddubsw: 1.3-1.8x the fp32 FMA kernel
+    that bf16 activations otherwise widen to, at the experts' 16 rows, on a Zen 3). `=1` or
+    set_int8(True) forces it on (portable loops elsewhere), `=0` or False off."""
     if not available():
         return False
     on = _int8 if _int8 is not None else _int8_from_env()
-    return has_vnni() and not amx() if on is None else on
+    return q8_simd() != "portable" and not amx() if on is None else on
 
 
 def set_int8(on: bool | None) -> None:
@@ -228,9 +230,16 @@ def set_int8(on: bool | None) -> None:
 
 
 def has_vnni() -> bool:
-    """Whether the int8 kernels run on AVX512-VNNI (vpdpbusd); elsewhere they are portable loops."""
+    """Whether the int8 kernels run on AVX512-VNNI (vpdpbusd)."""
     lib = _library()
     return lib is not None and bool(lib.dn_has_vnni())
+
+
+def q8_simd() -> str:
+    """What the int8 kernels run on: "vnni" (AVX512-VNNI), "avx2" (vpmaddubsw: AVX2 builds, and
+    AVX-512 ones without VNNI), "portable" (plain loops), or "none" (no library)."""
+    lib = _library()
+    return ("portable", "avx2", "vnni")[lib.dn_q8_simd()] if lib is not None else "none"
 
 
 def _q8(kind: str, *qts: QTensor) -> str:

@@ -18,7 +18,7 @@
 #endif
 
 // Bumped whenever a signature below changes; native.py refuses a library with another value.
-#define DN_ABI_VERSION 8
+#define DN_ABI_VERSION 9
 
 // ggml type ids (the numbers in a GGUF tensor info).
 enum dn_qtype {

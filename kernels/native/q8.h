@@ -4,6 +4,13 @@
 
 #include <stdint.h>
 
+// AVX512-VNNI (vpdpbusd) kernels where the build has the instructions
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define DN_VNNI 1
+#else
+#define DN_VNNI 0
+#endif
+
 namespace dn {
 
 constexpr int Q8_GROUP = 32;
