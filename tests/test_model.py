@@ -410,13 +410,18 @@ def test_cpu_bf16_matches_fp32(tmp_path, backends, outtype, hidden):
 
 
 def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch):
-    from diffcli.compute.backend import cpu_has_bf16, default_dtype
+    from diffcli.compute import native
+    from diffcli.compute.backend import backend_for, cpu_has_bf16, default_dtype
     from diffcli.testing import make_random_gguf
     path = make_random_gguf(tmp_path / "r.gguf", {"hidden_size": 64}, outtype="f32", seed=3)
     cpu = torch.device("cpu")
     monkeypatch.delenv("DIFFCLI_DTYPE", raising=False)
-    want = torch.bfloat16 if cpu_has_bf16() else torch.float32
+    want = torch.bfloat16 if cpu_has_bf16() else torch.float32      # an F32 file: no int8 products
     assert default_dtype(cpu) == want and diffcli.load(path).dtype == want
+    fast_int8 = backend_for("cpu") == "native" and native.q8_simd() != "portable" and native.int8()
+    q4 = make_random_gguf(tmp_path / "q.gguf", {"hidden_size": 64}, outtype="q4_k_m", seed=3)
+    assert diffcli.load(q4).dtype == (torch.bfloat16 if cpu_has_bf16() or fast_int8 else torch.float32)
+    assert default_dtype(cpu, text=False, qtypes={"Q4_K"}) == want
     assert default_dtype(torch.device("cuda")) == torch.bfloat16
     monkeypatch.setenv("DIFFCLI_DTYPE", "f32")
     model = diffcli.load(path)
@@ -427,6 +432,26 @@ def test_default_dtype_follows_the_cpu_and_the_environment(tmp_path, monkeypatch
     monkeypatch.setenv("DIFFCLI_DTYPE", "f64")
     with pytest.raises(InputError, match="DIFFCLI_DTYPE"):
         default_dtype(cpu)
+
+
+@pytest.mark.parametrize("q8,int8,backend,qtypes,want", [
+    ("avx2", True, "native", {"Q4_K", "F32"}, torch.bfloat16), ("vnni", True, "native", {"Q8_0"}, torch.bfloat16),
+    ("avx2", True, "native", {"F16", "F32"}, torch.float32), ("avx2", False, "native", {"Q4_K"}, torch.float32),
+    ("portable", True, "native", {"Q4_K"}, torch.float32), ("avx2", True, "torch", {"Q4_K"}, torch.float32)])
+def test_default_dtype_without_bf16_dot_products(monkeypatch, q8, int8, backend, qtypes, want):
+    """On a CPU without bf16 dot products the text model defaults to bf16 exactly where the native
+    library's fast int8 products take it (AVX2 or VNNI, int8 not switched off, native backend, a
+    weight type they multiply); the vision tower (text=False) stays float32 there."""
+    from diffcli.compute import backend as be, native
+    monkeypatch.delenv("DIFFCLI_DTYPE", raising=False)
+    monkeypatch.setattr(be, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(native, "q8_simd", lambda: q8)
+    monkeypatch.setattr(native, "int8", lambda: int8)
+    monkeypatch.setattr(be, "backend_for", lambda device_type: backend)
+    cpu = torch.device("cpu")
+    assert be.default_dtype(cpu, qtypes=qtypes) == want
+    assert be.default_dtype(cpu, text=False, qtypes=qtypes) == torch.float32
+    assert be.default_dtype(cpu) == torch.float32                # no weight types known
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -25,8 +25,8 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     raises InputError naming one that does.
     dtype: activation dtype everywhere (a torch dtype, or "f32" / "bf16" / "f16"; None or "auto":
     the default); default per device (backend.default_dtype): bfloat16 on
-    accelerators and on CPUs with bf16 dot products, float32 on other CPUs. float32 on the CPU
-    reproduces transformers' fp32 logits to ~1e-5.
+    accelerators, on CPUs with bf16 dot products and where the native int8 products run (AVX2
+    included) on a quantized file, float32 on other CPUs. float32 on the CPU reproduces transformers' fp32 logits to ~1e-5.
     cache_embedding: keep a dequantized copy of the tied embedding for the head and
     self-conditioning (see DiffusionGemma._dense_embedding); default True off the CPU; on the CPU
     False where the native kernels can use the embedding's blocks (compute/vocab.blocks_usable),
@@ -46,7 +46,8 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     validate(f, cfg)
     plan = plan_placement(f.tensor_names, cfg.n_layer, device, n_gpu_layers, n_cpu_moe or 0,
                           override_tensor or ())
-    act = {d: dtype or default_dtype(d) for d in {plan.head, *plan.layers, *plan.tensors.values()}}
+    qtypes = {f.info(n).qtype for n in f.tensor_names}
+    act = {d: dtype or default_dtype(d, qtypes=qtypes) for d in {plan.head, *plan.layers, *plan.tensors.values()}}
     check_fits(f, cfg, plan, act, n_gpu_layers=n_gpu_layers, n_cpu_moe=n_cpu_moe or 0,
                override_tensor=override_tensor or ())
     if any(d.type == "cpu" for d in act):

@@ -273,7 +273,7 @@ def load_vision(path: str | Path, device: str | torch.device = "cpu",
     f = open_gguf(path)
     cfg = VisionConfig.from_gguf(f)
     validate(f, cfg)
-    return VisionTower(cfg, f, device, dtype or default_dtype(device))
+    return VisionTower(cfg, f, device, dtype or default_dtype(device, text=False))
 
 
 def check_pair(tower: VisionTower, model_config) -> None:
