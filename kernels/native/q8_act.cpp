@@ -79,6 +79,45 @@ inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s
     d = amax / 127.0f;
     s.store(d, _mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
 }
+#elif DN_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {    // bf16 bits -> fp32, exactly
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+inline int32_t sum8(__m256i v) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_unpackhi_epi64(h, h));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 1)));
+}
+
+// The scalar loop's operations in 8 lanes, as the VNNI version does in 16.
+template <typename X>
+inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s) {
+    __m256 v[4];
+    const __m256i exp = _mm256_set1_epi32(0x7f800000);    // all exponent bits set: inf or NaN
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256i bad = _mm256_setzero_si256();
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+        v[i] = load8(src + 8 * i);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v[i]), exp), exp));
+        m = _mm256_max_ps(m, _mm256_and_ps(v[i], magnitude));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_shuffle_ps(h, h, 1)));
+    const bool any_bad = !_mm256_testz_si256(bad, bad);
+    if (any_bad || !(amax >= Q8_TINY)) return special_group(q, d, s, !any_bad);
+    const __m256 id = _mm256_set1_ps(127.0f / amax);
+    __m256i qi[4];
+    for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));   // round half to even
+    // packs work per 128-bit lane: dword j of the packed bytes is values 4j'.. of vector j % 4,
+    // lane j / 4; the permutation puts the 32 values back in order
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+    _mm256_storeu_si256((__m256i*)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    d = amax / 127.0f;
+    s.store(d, sum8(_mm256_add_epi32(qi[0], qi[1])), sum8(_mm256_add_epi32(qi[2], qi[3])));
+}
 #else
 template <typename X>
 inline void quantize_group(const X* src, int8_t* q, float& d, const GroupSums& s) {
