@@ -21,10 +21,11 @@
 // computes exactly that.
 //
 // The weights are never decoded to floats: per tile of 16 rows and slice of 8 groups, the quants
-// are unpacked to bytes, transposed so one zmm holds a quad of each of the 16 rows (Q4_K: straight
-// from the raw bytes, prepare_q4_k), and reused by every activation row (broadcast quads of x).
-// The rounding of x to int8 is the price: a coarser product than bf16's (relative error up to
-// 1/254 of a group's largest value per element).
+// are unpacked to bytes, transposed so one zmm (two ymm on AVX2) holds a quad of each of the 16
+// rows (Q4_K on VNNI: straight from the raw bytes, prepare_q4_k), and reused by every activation
+// row (broadcast quads of x); q8_tile.h does that, q8_act.cpp the rounding of x. The rounding of
+// x to int8 is the price: a coarser product than bf16's (relative error up to 1/254 of a group's
+// largest value per element).
 #include <math.h>
 #include <string.h>
 
@@ -52,8 +53,8 @@ constexpr int MR8 = 8;         // activation rows per register block
 // between, 3 and 7 slower); for the one-scale types 4 or 6 rows were no faster than 8
 constexpr int MRH = 4;
 #else
-// AVX2 (and the portable loops): 16 ymm registers hold, per activation row, an fp32 sum, an int32
-// sum and a 16-bit partial sum (and Q6_K's half sum), plus the weights and a broadcast
+// AVX2 (and the portable loops): 16 ymm registers hold, per activation row, an fp32 sum and an
+// int32 sum (and Q6_K's half sum), plus a run's weight vectors, a 16-bit sum and a broadcast
 constexpr int MR8 = 4;
 constexpr int MRH = 3;
 #endif
