@@ -464,7 +464,7 @@ def test_attention_matches_sdpa(dtype, tol, T, Nq, Nkv, D, L, masked, bf16_dot, 
     both where the CPU multiplies bf16 and where those matmuls go through float32 (AVX2-only)."""
     from diffcli.model import layers
     from diffcli.model.layers import attention
-    monkeypatch.setattr(layers, "bf16_matmuls", lambda: bf16_dot)
+    monkeypatch.setattr(layers, "cpu_has_bf16", lambda: bf16_dot)
     gen = torch.Generator().manual_seed(T * D)
     q = (torch.randn(T, Nq, D, generator=gen) * 0.1).to(dtype)
     k = (torch.randn(Nkv, L, D, generator=gen) * 0.1).to(dtype)

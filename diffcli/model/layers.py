@@ -67,7 +67,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q.device.type != "cpu" or D < 256:
         return sdpa(q, k, v, mask, expand_kv=q.device.type == "cuda" and D > 256)
     out = q.dtype
-    if out == torch.bfloat16 and not bf16_matmuls():
+    if out == torch.bfloat16 and not cpu_has_bf16():
         q, k, v = q.float(), k.float(), v.float()
     Nkv, L = k.shape[0], k.shape[1]
     G = Nq // Nkv
@@ -76,11 +76,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         s.view(Nkv, G, T, L).masked_fill_(~mask, float("-inf"))
     a = torch.bmm(torch.softmax(s, dim=-1).to(v.dtype), v)            # [Nkv, G*T, D]
     return a.view(Nq, T, D).transpose(0, 1).reshape(T, Nq * D).to(out)
-
-
-def bf16_matmuls() -> bool:
-    """Whether torch's CPU bf16 matmuls are fast here (the CPU has bf16 dot products)."""
-    return cpu_has_bf16()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -24,9 +24,10 @@ def load(path, device: str | torch.device = "cpu", dtype: torch.dtype | str | No
     the placement needs there are checked against the free memory: a placement that cannot fit
     raises InputError naming one that does.
     dtype: activation dtype everywhere (a torch dtype, or "f32" / "bf16" / "f16"; None or "auto":
-    the default); default per device (backend.default_dtype): bfloat16 on
-    accelerators, on CPUs with bf16 dot products and where the native int8 products run (AVX2
-    included) on a quantized file, float32 on other CPUs. float32 on the CPU reproduces transformers' fp32 logits to ~1e-5.
+    the default); default per device (backend.default_dtype): bfloat16 on accelerators, on
+    CPUs with bf16 dot products and, for a quantized file, where the native int8 products run
+    (AVX2 included); float32 on other CPUs. float32 on the CPU reproduces transformers' fp32
+    logits to ~1e-5.
     cache_embedding: keep a dequantized copy of the tied embedding for the head and
     self-conditioning (see DiffusionGemma._dense_embedding); default True off the CPU; on the CPU
     False where the native kernels can use the embedding's blocks (compute/vocab.blocks_usable),

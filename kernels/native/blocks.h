@@ -90,14 +90,15 @@ inline __m256 i8_quarter_ps(__m256i v) {
     const __m128i h = J < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(J % 2 ? _mm_unpackhi_epi64(h, h) : h));
 }
-// y[0..32) = d * v's 32 signed bytes - m  (m: nullptr for none), each rounded as the scalar loop.
-inline void store_scaled32(__m256i v, __m256 d, float* y) {
-    _mm256_storeu_ps(y, _mm256_mul_ps(d, i8_quarter_ps<0>(v)));
-    _mm256_storeu_ps(y + 8, _mm256_mul_ps(d, i8_quarter_ps<1>(v)));
-    _mm256_storeu_ps(y + 16, _mm256_mul_ps(d, i8_quarter_ps<2>(v)));
-    _mm256_storeu_ps(y + 24, _mm256_mul_ps(d, i8_quarter_ps<3>(v)));
+// y[0..32) = v's 32 signed bytes scaled, each product rounded as the scalar loops round it:
+// scale32 by d0 (values 0-15) and d1 (16-31), scale_sub32 by d then minus m.
+inline void scale32(__m256i v, __m256 d0, __m256 d1, float* y) {
+    _mm256_storeu_ps(y, _mm256_mul_ps(d0, i8_quarter_ps<0>(v)));
+    _mm256_storeu_ps(y + 8, _mm256_mul_ps(d0, i8_quarter_ps<1>(v)));
+    _mm256_storeu_ps(y + 16, _mm256_mul_ps(d1, i8_quarter_ps<2>(v)));
+    _mm256_storeu_ps(y + 24, _mm256_mul_ps(d1, i8_quarter_ps<3>(v)));
 }
-inline void store_scaled32(__m256i v, __m256 d, __m256 m, float* y) {
+inline void scale_sub32(__m256i v, __m256 d, __m256 m, float* y) {
     _mm256_storeu_ps(y, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<0>(v)), m));
     _mm256_storeu_ps(y + 8, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<1>(v)), m));
     _mm256_storeu_ps(y + 16, _mm256_sub_ps(_mm256_mul_ps(d, i8_quarter_ps<2>(v)), m));
@@ -142,12 +143,13 @@ inline __m256i q5_0_quants(const uint8_t* b) {
 
 inline void dequant_q5_0(const uint8_t* b, float* y) {
     const float d = f16_to_f32(load_u16(b));
+#if DN_AVX2
+    const __m256 vd = _mm256_set1_ps(d);
+    scale32(_mm256_sub_epi8(q5_0_quants(b), _mm256_set1_epi8(16)), vd, vd, y);   // quants - 16: [-16, 15]
+#else
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     const uint8_t* qs = b + 6;
-#if DN_AVX2
-    store_scaled32(_mm256_sub_epi8(q5_0_quants(b), _mm256_set1_epi8(16)), _mm256_set1_ps(d), y);   // [-16, 15]
-#else
     for (int k = 0; k < 16; ++k) {
         const int lo = (qs[k] & 0x0f) | (int)(((qh >> k) & 1u) << 4);
         const int hi = (qs[k] >> 4) | (int)(((qh >> (k + 16)) & 1u) << 4);
@@ -187,8 +189,8 @@ inline void dequant_q4_k(const uint8_t* b, float* y) {
         const __m256 d1 = _mm256_set1_ps(dl[2 * c + 1]), m1 = _mm256_set1_ps(ml[2 * c + 1]);
         const __m256i raw = _mm256_loadu_si256((const __m256i*)qs);
         const __m256i nib = _mm256_set1_epi8(0x0f);   // nibbles 0-15: as signed bytes too
-        store_scaled32(_mm256_and_si256(raw, nib), d0, m0, y);
-        store_scaled32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), d1, m1, y + 32);
+        scale_sub32(_mm256_and_si256(raw, nib), d0, m0, y);
+        scale_sub32(_mm256_and_si256(_mm256_srli_epi16(raw, 4), nib), d1, m1, y + 32);
 #else
         for (int l = 0; l < 32; ++l) {
             y[l] = dl[2 * c] * (float)(qs[l] & 15) - ml[2 * c];
@@ -229,14 +231,8 @@ inline void dequant_q6_k(const uint8_t* b, float* y) {
                                             _mm256_and_si256(hb, top)), off),
             _mm256_sub_epi8(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), nib),
                                             _mm256_and_si256(_mm256_srli_epi16(hb, 2), top)), off)};
-        for (int g = 0; g < 4; ++g) {   // 32 values, two runs of 16 with their own scales
-            const __m256 s0 = _mm256_set1_ps(dh[2 * g]), s1 = _mm256_set1_ps(dh[2 * g + 1]);
-            float* yg = y + 32 * g;
-            _mm256_storeu_ps(yg, _mm256_mul_ps(s0, i8_quarter_ps<0>(q[g])));
-            _mm256_storeu_ps(yg + 8, _mm256_mul_ps(s0, i8_quarter_ps<1>(q[g])));
-            _mm256_storeu_ps(yg + 16, _mm256_mul_ps(s1, i8_quarter_ps<2>(q[g])));
-            _mm256_storeu_ps(yg + 24, _mm256_mul_ps(s1, i8_quarter_ps<3>(q[g])));
-        }
+        for (int g = 0; g < 4; ++g)     // 32 values, two runs of 16 with their own scales
+            scale32(q[g], _mm256_set1_ps(dh[2 * g]), _mm256_set1_ps(dh[2 * g + 1]), y + 32 * g);
 #else
         for (int l = 0; l < 32; ++l) {
             const int q0 = ((ql[l] & 15) | (((qh[l] >> 0) & 3) << 4)) - 32;

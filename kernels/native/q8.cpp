@@ -26,11 +26,7 @@
 // row (broadcast quads of x); q8_tile.h does that, q8_act.cpp the rounding of x. The rounding of
 // x to int8 is the price: a coarser product than bf16's (relative error up to 1/254 of a group's
 // largest value per element).
-#include <math.h>
 #include <string.h>
-
-#include <cmath>
-#include <limits>
 
 #include <algorithm>
 #include <memory>

@@ -32,25 +32,26 @@ inline void unpack_q8_0(const uint8_t* b, uint8_t* u, float& dl) {
 }
 
 inline void unpack_q5_0(const uint8_t* b, uint8_t* u, float& dl) {
-    const float d = f16_to_f32(load_u16(b));
-    uint32_t qh;
-    memcpy(&qh, b + 2, 4);
-    const uint8_t* qs = b + 6;
+    dl = f16_to_f32(load_u16(b));
 #if DN_VNNI
     // values 0-15 from the low nibbles, 16-31 from the high ones; bit k of qh adds 16 to value k
-    const __m128i raw = _mm_loadu_si128((const __m128i*)qs), nib = _mm_set1_epi8(0x0f);
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(b + 6)), nib = _mm_set1_epi8(0x0f);
     __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nib), _mm_and_si128(raw, nib));
     q = _mm256_mask_add_epi8(q, (__mmask32)qh, q, _mm256_set1_epi8(16));
     _mm256_storeu_si256((__m256i*)u, q);
 #elif DN_AVX2
     _mm256_storeu_si256((__m256i*)u, q5_0_quants(b));
 #else
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    const uint8_t* qs = b + 6;
     for (int k = 0; k < 16; ++k) {
         u[k] = (uint8_t)((qs[k] & 0x0f) | (((qh >> k) & 1u) << 4));
         u[k + 16] = (uint8_t)((qs[k] >> 4) | (((qh >> (k + 16)) & 1u) << 4));
     }
 #endif
-    dl = d;
 }
 
 // All eight groups of a Q4_K block: u[256], dl[8], ml[8] (the products as dequant_q4_k forms them).
