@@ -38,6 +38,15 @@
 #include "gemm.h"
 #include "q8_tile.h"
 
+#if defined(__GNUC__) && !defined(__clang__)
+#define DN_UNROLL(n) _Pragma(DN_STR(GCC unroll n))
+#elif defined(__clang__)
+#define DN_UNROLL(n) _Pragma(DN_STR(unroll n))
+#else
+#define DN_UNROLL(n)
+#endif
+#define DN_STR(x) #x
+
 namespace dn {
 namespace {
 
@@ -128,10 +137,12 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
         for (int t = 0; t < M; ++t) c[t] = add ? _mm256_load_ps(acc + t * NR8 + o) : _mm256_setzero_ps();
         for (int64_t g = 0; g < ng; ++g) {
             __m256 f[M];      // Z: sum over halves of dl * (signed dot product), before dx
+            DN_UNROLL(2)
             for (int h = 0; h < H; ++h) {
                 __m256i s[M];
                 for (int t = 0; t < M; ++t)
                     s[t] = Z && !S ? _mm256_set1_epi32(zx[(t * gs + g) * H + h]) : _mm256_setzero_si256();
+                DN_UNROLL(8)
                 for (int j0 = h * QH; j0 < (h + 1) * QH; j0 += L) {
                     // the run's L weight vectors stay in registers while each row adds its products
                     // (row by row: one 16-bit sum live, not M, which AVX2's 16 registers cannot hold)
@@ -141,6 +152,7 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
                         if constexpr (S) w[j] = _mm256_xor_si256(w[j], _mm256_set1_epi8((char)0x80));
                         aw[j] = S ? _mm256_abs_epi8(w[j]) : w[j];
                     }
+                    DN_UNROLL(8)
                     for (int t = 0; t < M; ++t) {
                         const int8_t* xt = xq + t * K + g * G + 4 * j0;
                         __m256i p = _mm256_setzero_si256();
@@ -276,6 +288,8 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
                             memcpy(acc + t * NR8, y + (t0 + t) * N + n0, (size_t)nr * sizeof(float));
                     for (int64_t g0 = c0; g0 < c0 + cg; g0 += SG) {
                         const int64_t ng = std::min(SG, c0 + cg - g0);
+                        if (g0 + SG < c0 + cg)
+                            prefetch_slice(w, rb, qtype, n0, nr, g0 + SG, std::min(SG, c0 + cg - g0 - SG));
                         prepare(*tl, w, rb, qtype, n0, nr, g0, ng);
                         const int64_t mr = h == 2 ? MRH : MR8;
                         for (int64_t t = 0; t < tb; t += mr) {

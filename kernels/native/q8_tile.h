@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "blocks.h"
+#include "gemm.h"
 #include "q8.h"
 
 namespace dn {
@@ -235,6 +236,30 @@ void prepare_q4_k(Tile& tl, const uint8_t* w, int64_t rb, int64_t n0, int nr, in
     }
 }
 #endif
+
+inline void prefetch(const char* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+#elif defined(_MSC_VER) && defined(DN_AVX2)
+    _mm_prefetch(p, _MM_HINT_T0);
+#else
+    (void)p;
+#endif
+}
+
+// Asks for the bytes of groups [g0, g0 + ng) of rows [n0, n0 + nr) to be brought into cache, the
+// tile's next slice while this one is multiplied: a slice reads 16 rows a row apart, a pattern the
+// hardware prefetchers do not follow (unprefetched, the head's Q6_K slices spent ~10% of a call in
+// prepare waiting for them on a Zen 3).
+inline void prefetch_slice(const uint8_t* w, int64_t rb, int qtype, int64_t n0, int nr, int64_t g0, int64_t ng) {
+    const int64_t off = row_bytes(qtype, g0 * G), len = row_bytes(qtype, ng * G);
+    if (off < 0 || len <= 0) return;   // a slice that is not whole blocks: left to the hardware
+    for (int r = 0; r < nr; ++r) {
+        const char* p = (const char*)(w + (n0 + r) * rb + off);
+        for (int64_t b = 0; b < len; b += 64) prefetch(p + b);
+        prefetch(p + len - 1);
+    }
+}
 
 void prepare(Tile& tl, const uint8_t* w, int64_t rb, int qtype, int64_t n0, int nr, int64_t g0, int64_t ng) {
 #if DN_VNNI
