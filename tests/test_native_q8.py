@@ -157,18 +157,47 @@ def test_qmatmul_q8(int8, qtype, K, T):
     assert yb[0].isnan().all() and torch.equal(yb[1:], y[1:])
 
 
+@pytest.mark.parametrize("qtype,K", [("Q8_0", 288), ("Q8_0", 4800), ("Q6_K", 768), ("Q4_K", 512)])
+@pytest.mark.parametrize("T", [1, 13, 256])
+def test_qmatmul_q8_nonnegative_x(int8, qtype, K, T):
+    """Probabilities as x (the self-conditioning product's: >= 0, most tiny, some exactly 0): on
+    AVX2 the Q8_0 kernel takes a different instruction sequence when no xq is negative. Against
+    the same oracle as test_qmatmul_q8; one negative value anywhere takes the general path, and
+    the rows it does not touch come out the same."""
+    rng = np.random.default_rng(5 * T + K)
+    qt, w = weights(qtype, (37, K), rng)
+    logits = rng.standard_normal((T, K)) * 4.0
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p[:, 64:96] = 0.0                                                 # a group of zeros
+    x = torch.from_numpy((p / p.sum(-1, keepdims=True)).astype(np.float32)).bfloat16()
+    y = native.qmatmul(x, qt, out_dtype=torch.float32)
+    xq, dx, _ = quantize_ref(x.float().numpy())
+    assert (xq >= 0).all()
+    xh = dequantized_x(xq, dx)
+    exact = xh @ w.T
+    slack = 2 * gamma(K // 32 + 4) * (xh.abs() @ magnitude(qt, w).T) + 1e-30
+    err = (y.double() - exact).abs()
+    assert (err <= slack).all(), f"max error {err.max():.3e} (slack {slack.max():.3e})"
+    mixed = x.clone()
+    mixed[0, 0] = -mixed[0, 0] - 1e-3
+    ym = native.qmatmul(mixed, qt, out_dtype=torch.float32)
+    assert torch.equal(ym[1:], y[1:])
+
+
 # Quant bytes that make every quant its type's largest (Q8_0: +127 and -128 in alternate rows).
 EXTREME = {"Q4_K": 0xFF, "Q5_0": 0xFF, "Q6_K": 0xFF}
 
 
 @pytest.mark.parametrize("qtype,K", [("Q4_K", 512), ("Q5_0", 704), ("Q6_K", 512), ("Q8_0", 288)])
 @pytest.mark.parametrize("T", [1, 6])
-def test_qmatmul_q8_largest_quants(int8, qtype, K, T):
+@pytest.mark.parametrize("signs", ["alternating", "positive"])
+def test_qmatmul_q8_largest_quants(int8, qtype, K, T, signs):
     """Every quant at its extreme and |xq| = 127 everywhere, with one sign per row: the largest
     integer sums the kernels form. The AVX2 kernel adds vpmaddubsw's 16-bit pair sums over
     several quads before widening (8 for Q4_K, 4 for Q5_0, 2 for Q6_K) and takes Q8_0's quants
     signed; one quad too many, or Q8_0 unsigned, overflows 2^15 here (random blocks never get
-    near it)."""
+    near it). All rows positive: for Q8_0 the AVX2 kernel then takes x as the unsigned operand
+    (pairs of 127 * 127 and 127 * -128)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     rng = np.random.default_rng(K + T)
     N = 21
@@ -185,7 +214,7 @@ def test_qmatmul_q8_largest_quants(int8, qtype, K, T):
         blocks[:, :, ~keep] = EXTREME[qtype]
     qt = QTensor(torch.from_numpy(raw), qtype, (N, K), qtype)
     w = reference(raw, qtype, (N, K)).double()
-    sign = np.where(np.arange(T) % 2 == 0, 1.0, -1.0).astype(np.float32)[:, None]
+    sign = np.where((np.arange(T) % 2 == 0) | (signs == "positive"), 1.0, -1.0).astype(np.float32)[:, None]
     x = torch.from_numpy(np.repeat(sign, K, axis=1) * np.float32(0.75)).bfloat16()
     y = native.qmatmul(x, qt, out_dtype=torch.float32)
     xq, dx, _ = quantize_ref(x.float().numpy())

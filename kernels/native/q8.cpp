@@ -85,7 +85,8 @@ inline __m512i dpbusd_bcast(__m512i s, __m512i w, const int8_t* q) {
 // acc[M][16] (+)= the tile's groups against activation rows xq[M] (row stride K bytes), whose
 // scales dx have row stride `gs`. Z (the integer offset, with H weight groups per group of x):
 // the dot products start from zx (row stride H gs); else (Q4_K, H = 1) ml * sx is subtracted.
-template <int M, int H, bool Z, int U>
+// U is the largest quant; P says every xq is >= 0 (only the AVX2 kernel makes use of it).
+template <int M, int H, bool Z, int U, bool P = false>
 void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const float* dx, const float* sx,
                 const int32_t* zx, int64_t gs, float* acc, bool add) {
     static_assert(Z || H == 1, "halves come with an integer offset (Q6_K)");
@@ -126,8 +127,11 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
     // those into int32): exact while a 16-bit sum stays below 2^15. One pair of products is at
     // most 2 * 127 * U, so LS lines (quads) of them may be added in 16 bits before widening. Q8_0
     // (U = 255) would overflow even one pair, so its quants are used signed (u ^ 0x80 = q, the
-    // offset already in: the sum starts at 0, not zx) with the sign trick: |q| * (x * sign q).
+    // offset already in: the sum starts at 0, not zx) with the sign trick: |q| * (x * sign q);
+    // where x >= 0 throughout (P: the self-conditioning's probabilities) x's quads are the unsigned
+    // operand and q the signed one, a pair at most 2 * 127 * 128 in magnitude, with no sign trick.
     constexpr bool S = U > 127;
+    static_assert(!P || S, "x as the unsigned operand is for Q8_0's signed quants");
     constexpr int LS = S ? 1 : 32767 / (2 * 127 * U);
     static_assert(LS >= 1 && QH % (LS < QH ? LS : QH) == 0, "whole runs of lines per weight group");
     constexpr int L = LS < QH ? LS : QH;
@@ -150,7 +154,7 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
                     for (int j = 0; j < L; ++j) {
                         w[j] = _mm256_load_si256((const __m256i*)&tl.quads[g * 8 + j0 + j][o]);
                         if constexpr (S) w[j] = _mm256_xor_si256(w[j], _mm256_set1_epi8((char)0x80));
-                        aw[j] = S ? _mm256_abs_epi8(w[j]) : w[j];
+                        aw[j] = S && !P ? _mm256_abs_epi8(w[j]) : w[j];
                     }
                     DN_UNROLL(8)
                     for (int t = 0; t < M; ++t) {
@@ -160,6 +164,10 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
                             int32_t q;
                             memcpy(&q, xt + 4 * j, 4);
                             __m256i xb = _mm256_set1_epi32(q);
+                            if constexpr (P) {
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(xb, w[j]));
+                                continue;
+                            }
                             if constexpr (S) xb = _mm256_sign_epi8(xb, w[j]);
                             p = _mm256_add_epi16(p, _mm256_maddubs_epi16(aw[j], xb));
                         }
@@ -216,14 +224,29 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
 #endif
 }
 
-template <int M, int H, bool Z, int U>
+template <int M, int H, bool Z, int U, bool P = false>
 void ukernel_q8_upto(int m, int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const float* dx,
                      const float* sx, const int32_t* zx, int64_t gs, float* acc, bool add) {
     if constexpr (M > 1) {
-        if (m < M) return ukernel_q8_upto<M - 1, H, Z, U>(m, ng, tl, xq, K, dx, sx, zx, gs, acc, add);
+        if (m < M) return ukernel_q8_upto<M - 1, H, Z, U, P>(m, ng, tl, xq, K, dx, sx, zx, gs, acc, add);
     }
-    ukernel_q8<M, H, Z, U>(ng, tl, xq, K, dx, sx, zx, gs, acc, add);
+    ukernel_q8<M, H, Z, U, P>(ng, tl, xq, K, dx, sx, zx, gs, acc, add);
 }
+
+#if DN_AVX2 && !DN_VNNI
+// Whether none of the n bytes at q is negative (stops at the first that is).
+bool nonnegative(const int8_t* q, int64_t n) {
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(q + i));
+        for (int j = 32; j < 128; j += 32) v = _mm256_or_si256(v, _mm256_loadu_si256((const __m256i*)(q + i + j)));
+        if (_mm256_movemask_epi8(v)) return false;
+    }
+    for (; i < n; ++i)
+        if (q[i] < 0) return false;
+    return true;
+}
+#endif
 
 }  // namespace
 
@@ -246,6 +269,11 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
     const int64_t tiles = (N + NR8 - 1) / NR8, groups = K / G;
     const int h = halves(qtype);
     const bool z = q8_offset(qtype) != 0;
+#if DN_AVX2 && !DN_VNNI
+    const bool pos = qtype == DN_Q8_0 && nonnegative(xq, T * K);   // ukernel_q8's P
+#else
+    const bool pos = false;
+#endif
     // A long K (the self-conditioning product runs over the vocabulary) goes KC groups at a time,
     // every tile through one chunk before the next; a tile's sums wait in y between chunks (fp32,
     // so the additions and their order are those of a single pass).
@@ -303,6 +331,9 @@ int gemm_q8(const int8_t* xq, const float* dx, const float* sx, const int32_t* z
                             else if (qtype == DN_Q5_0)
                                 ukernel_q8_upto<MR8, 1, true, 31>(m, ng, *tl, xr, ck, c.dx + j, nullptr, c.zx + j,
                                                                   c.groups, a, g0 > 0);
+                            else if (z && pos)
+                                ukernel_q8_upto<MR8, 1, true, 255, true>(m, ng, *tl, xr, ck, c.dx + j, nullptr,
+                                                                         c.zx + j, c.groups, a, g0 > 0);
                             else if (z)
                                 ukernel_q8_upto<MR8, 1, true, 255>(m, ng, *tl, xr, ck, c.dx + j, nullptr,
                                                                    c.zx + j, c.groups, a, g0 > 0);
