@@ -153,6 +153,29 @@ inline void transpose16(__m512i r[16]) {
 }
 #endif
 
+#if DN_AVX2 && !DN_VNNI
+// r[e] = dword e of the input rows r[0..7] (8 x 8 32-bit elements): unpack 32- and 64-bit halves
+// per 128-bit lane, then join the lanes.
+inline void transpose8(__m256i r[8]) {
+    __m256i t[8];
+    for (int i = 0; i < 8; i += 2) {    // per 128-bit lane: elements of rows i, i+1 interleaved
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {    // element e (lane L: 4L + e) of rows i..i+3
+        r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int e = 0; e < 4; ++e) {
+        t[e] = _mm256_permute2x128_si256(r[e], r[4 + e], 0x20);
+        t[4 + e] = _mm256_permute2x128_si256(r[e], r[4 + e], 0x31);
+    }
+    for (int e = 0; e < 8; ++e) r[e] = t[e];
+}
+#endif
+
 void transpose_quads(Tile& tl, int64_t lines) {
 #if DN_VNNI
     for (int64_t c0 = 0; c0 < lines; c0 += 16) {
@@ -165,24 +188,10 @@ void transpose_quads(Tile& tl, int64_t lines) {
     // 8 x 8 quads at a time: row i's lines c0..c0+7 (32 bytes) -> line c's rows rb..rb+7
     for (int64_t c0 = 0; c0 < lines; c0 += 8)
         for (int rb = 0; rb < NR8; rb += 8) {
-            __m256i r[8], t[8];
+            __m256i r[8];
             for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256((const __m256i*)&tl.rows[rb + i][4 * c0]);
-            for (int i = 0; i < 8; i += 2) {    // per 128-bit lane: elements of rows i, i+1 interleaved
-                t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-                t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-            }
-            for (int i = 0; i < 8; i += 4) {    // element e (lane L: 4L + e) of rows i..i+3
-                r[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
-                r[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
-                r[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
-                r[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
-            }
-            for (int e = 0; e < 4; ++e) {
-                if (c0 + e < lines)
-                    _mm256_store_si256((__m256i*)&tl.quads[c0 + e][rb], _mm256_permute2x128_si256(r[e], r[4 + e], 0x20));
-                if (c0 + 4 + e < lines)
-                    _mm256_store_si256((__m256i*)&tl.quads[c0 + 4 + e][rb], _mm256_permute2x128_si256(r[e], r[4 + e], 0x31));
-            }
+            transpose8(r);
+            for (int e = 0; e < 8 && c0 + e < lines; ++e) _mm256_store_si256((__m256i*)&tl.quads[c0 + e][rb], r[e]);
         }
 #else
     for (int64_t c = 0; c < lines; ++c)
@@ -261,10 +270,45 @@ inline void prefetch_slice(const uint8_t* w, int64_t rb, int qtype, int64_t n0, 
     }
 }
 
+#if DN_AVX2 && !DN_VNNI
+// Block `blk` of 16 Q4_K rows straight into the tile, as the VNNI version does: the raw quant
+// dwords transposed 8 x 8 (dword i of a row's qs holds quad i % 8 of group 2 (i / 8) in its low
+// nibbles and of group 2 (i / 8) + 1 in its high ones), then split; the scales as q4_k_scales
+// forms them. Half the shuffles of unpacking to bytes first, and no pass through tl.rows. Rows
+// from nr on are zeros.
+void prepare_q4_k(Tile& tl, const uint8_t* w, int64_t rb, int64_t n0, int nr, int64_t blk) {
+    const uint8_t* base = w + n0 * rb + blk * 144;
+    for (int r = 0; r < NR8; ++r) {
+        float dl[8] = {}, ml[8] = {};
+        if (r < nr) q4_k_scales(base + r * rb, dl, ml);
+        for (int j = 0; j < 8; ++j) {
+            tl.dl[j][r] = dl[j];
+            tl.ml[j][r] = ml[j];
+        }
+    }
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+    for (int c = 0; c < 4; ++c)          // dwords 8c..8c+7: groups 2c and 2c + 1
+        for (int h = 0; h < NR8; h += 8) {
+            __m256i r[8];
+            for (int i = 0; i < 8; ++i)
+                r[i] = h + i < nr ? _mm256_loadu_si256((const __m256i*)(base + (h + i) * rb + 16 + 32 * c))
+                                  : _mm256_setzero_si256();
+            transpose8(r);
+            for (int e = 0; e < 8; ++e) {
+                _mm256_store_si256((__m256i*)&tl.quads[16 * c + e][h], _mm256_and_si256(r[e], nib));
+                _mm256_store_si256((__m256i*)&tl.quads[16 * c + 8 + e][h],
+                                   _mm256_and_si256(_mm256_srli_epi16(r[e], 4), nib));
+            }
+        }
+}
+#endif
+
 void prepare(Tile& tl, const uint8_t* w, int64_t rb, int qtype, int64_t n0, int nr, int64_t g0, int64_t ng) {
 #if DN_VNNI
     if (qtype == DN_Q4_K && ng == SG && 15 * rb < ((int64_t)1 << 31))
         return prepare_q4_k(tl, w, rb, n0, nr, g0 / SG);
+#elif DN_AVX2
+    if (qtype == DN_Q4_K && ng == SG) return prepare_q4_k(tl, w, rb, n0, nr, g0 / SG);
 #endif
     for (int r = 0; r < NR8; ++r) {
         if (r >= nr) {
