@@ -110,10 +110,12 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
     for (int t = 0; t < M; ++t) c[t] = add ? _mm512_load_ps(acc + t * NR8) : _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
         __m512 f[M];      // Z: sum over halves of dl * (signed dot product), before dx
+        DN_UNROLL(2)
         for (int h = 0; h < H; ++h) {
             __m512i s[M];
             for (int t = 0; t < M; ++t)
                 s[t] = Z ? _mm512_set1_epi32(zx[(t * gs + g) * H + h]) : _mm512_setzero_si512();
+            DN_UNROLL(8)
             for (int j = h * QH; j < (h + 1) * QH; ++j) {
                 const __m512i w = _mm512_load_si512(tl.quads[g * 8 + j]);
                 for (int t = 0; t < M; ++t) s[t] = dpbusd_bcast(s[t], w, xq + t * K + g * G + 4 * j);
