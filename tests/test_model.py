@@ -455,6 +455,34 @@ def test_default_dtype_without_bf16_dot_products(monkeypatch, q8, int8, backend,
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window", [None, 100], ids=["causal", "sliding"])
+def test_attention_query_blocks(dtype, tol, window):
+    """A masked CPU attention longer than QUERY_BLOCK goes block by block, each block against the
+    key columns its rows may attend (an encoder chunk after 120 cached keys, causal or with a
+    sliding window, one query's row widened to every key as an image block would): against
+    float64 SDPA, and against the unblocked product up to the order of fp32 sums."""
+    from diffcli.model import layers
+    from diffcli.model.layers import QUERY_BLOCK, _attend, attention
+    T, P, Nq, Nkv, D = 2 * QUERY_BLOCK + 37, 120, 4, 2, 256
+    gen = torch.Generator().manual_seed(T)
+    q = (torch.randn(T, Nq, D, generator=gen) * 0.1).to(dtype)
+    k = (torch.randn(Nkv, P + T, D, generator=gen) * 0.1).to(dtype)
+    v = torch.randn(Nkv, P + T, D, generator=gen).to(dtype)
+    pos, kpos = torch.arange(P, P + T), torch.arange(P + T)
+    mask = kpos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= kpos[None, :] > pos[:, None] - window
+    mask[QUERY_BLOCK + 5] = True
+    got = attention(q, k, v, mask)
+    want = F.scaled_dot_product_attention(q.transpose(0, 1)[None].double(), k[None].double(),
+                                          v[None].double(), attn_mask=mask, scale=1.0,
+                                          enable_gqa=True)[0].transpose(0, 1).reshape(T, Nq * D)
+    assert got.dtype == dtype and (got.double() - want).abs().max() <= tol
+    spans = [mask[a:a + QUERY_BLOCK].any(0).nonzero() for a in range(0, T, QUERY_BLOCK)]
+    assert any(int(c[0]) > 0 or int(c[-1]) < P + T - 1 for c in spans)    # some columns skipped
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("T,Nq,Nkv,D,L,masked", [(5, 4, 2, 256, 9, True), (7, 4, 1, 512, 7, False),
                                                  (3, 2, 2, 256, 5, True), (6, 4, 2, 64, 8, True)])
 @pytest.mark.parametrize("bf16_dot", [True, False], ids=["bf16-matmuls", "f32-matmuls"])
