@@ -29,7 +29,8 @@ def float_blocks(qtype: str, w: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("qtype,K", [("Q6_K", 512), ("Q4_K", 256), ("Q8_0", 96), ("Q5_0", 64),
-                                     ("F32", 24), ("F16", 40), ("BF16", 8)])
+                                     ("F32", 24), ("F16", 40), ("BF16", 8),
+                                     ("F32", 44)])   # 44: the AVX2 loops (8 columns at a time) and their tail
 def test_transpose_q8_0_is_gguf_quants(lib, qtype, K):
     rng = np.random.default_rng(K)
     N = 96                                            # three groups of 32 rows
@@ -39,6 +40,8 @@ def test_transpose_q8_0_is_gguf_quants(lib, qtype, K):
         w[:32, 3] = 0.0                               # a whole zero block of the transpose
         w[32:64, 4] = rng.uniform(-1e-3, 1e-3, 32)    # scale ~8e-6: an f16 subnormal
         w[64:96, 6] = rng.uniform(-1e-6, 1e-6, 32)    # scale ~8e-9: under f16's least subnormal
+        w[:32, 1] = np.arange(32) - 15.5              # scale 127 / 127 = 1: ties, rounded away from 0
+        w[0, 1] = 127.0
         raw = float_blocks(qtype, w)
     else:
         raw = random_blocks(qtype, (N, K), rng)

@@ -245,22 +245,76 @@ uint16_t f32_to_f16(float f) {
 #endif
 }
 
-// Rows [v0, v0 + 32) of W [N, K] into column block v0 / 32 of every row of out (Q8_0 [K, N]).
+// roundf (half away from zero) in operations a compiler vectorizes: x - trunc(x) is exact.
+inline float round_away(float x) {
+    const float t = truncf(x);
+    return fabsf(x - t) >= 0.5f ? t + copysignf(1.0f, x) : t;
+}
+
+// Scratch of one thread for transpose_group: the group's rows dequantized, per column the
+// inverse scale, and the rounded quants, all row-major (loops along K vectorize).
+struct TransposeScratch {
+    std::vector<float> rows, id;
+    std::vector<int8_t> q;
+    explicit TransposeScratch(int64_t K) : rows((size_t)(32 * K)), id((size_t)K), q((size_t)(32 * K)) {}
+};
+
+// Rows [v0, v0 + 32) of W [N, K] into column block v0 / 32 of every row of out (Q8_0 [K, N]),
+// column k's block scaled by the largest |value| of its 32 (gguf.quants' Q8_0, byte for byte).
 void transpose_group(const uint8_t* w, int64_t rb, int qtype, int64_t K, int64_t v0, int64_t N,
-                     float* tmp, uint8_t* out) {
+                     TransposeScratch& s, uint8_t* out) {
+    float* tmp = s.rows.data();
+    float* id = s.id.data();
+    int8_t* q = s.q.data();
     for (int r = 0; r < 32; ++r) dequant_range(qtype, w + (v0 + r) * rb, 0, K, tmp + r * K);
     const int64_t ob = N / 32 * 34;    // bytes per row of out
+    for (int64_t k = 0; k < K; ++k) id[k] = 0.0f;
+    for (int r = 0; r < 32; ++r)       // id = amax for now
+        for (int64_t k = 0; k < K; ++k) id[k] = std::max(id[k], fabsf(tmp[r * K + k]));
     for (int64_t k = 0; k < K; ++k) {
-        float v[32], amax = 0.0f;
-        for (int r = 0; r < 32; ++r) {
-            v[r] = tmp[r * K + k];
-            amax = std::max(amax, fabsf(v[r]));
-        }
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        uint8_t* b = out + k * ob + v0 / 32 * 34;
+        const float d = id[k] / 127.0f;
         const uint16_t dh = f32_to_f16(d);
-        memcpy(b, &dh, 2);
-        for (int r = 0; r < 32; ++r) b[2 + r] = (uint8_t)(int8_t)roundf(v[r] * id);   // half away from 0
+        memcpy(out + k * ob + v0 / 32 * 34, &dh, 2);
+        id[k] = d != 0.0f ? 1.0f / d : 0.0f;
+    }
+    for (int r = 0; r < 32; ++r) {
+        int64_t k = 0;
+#if DN_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+        for (; k + 8 <= K; k += 8) {       // round_away in 8 lanes
+            const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(tmp + r * K + k), _mm256_loadu_ps(id + k));
+            const __m256 t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+            const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(x, t)), half, _CMP_GE_OQ);
+            const __m256 step = _mm256_and_ps(up, _mm256_or_ps(_mm256_and_ps(x, sign), one));
+            const __m256i v = _mm256_cvttps_epi32(_mm256_add_ps(t, step));
+            const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i*)(q + r * K + k), _mm_packs_epi16(w16, w16));
+        }
+#endif
+        for (; k < K; ++k) q[r * K + k] = (int8_t)round_away(tmp[r * K + k] * id[k]);
+    }
+    int64_t k = 0;
+#if DN_AVX2
+    for (; k + 8 <= K; k += 8)            // 8 x 8 bytes at a time: rows 8g.. of columns k..k+7
+        for (int g = 0; g < 4; ++g) {
+            __m128i a[8];
+            for (int i = 0; i < 8; ++i) a[i] = _mm_loadl_epi64((const __m128i*)(q + (8 * g + i) * K + k));
+            for (int i = 0; i < 4; ++i) a[i] = _mm_unpacklo_epi8(a[2 * i], a[2 * i + 1]);   // rows 2i, 2i+1
+            const __m128i b0 = _mm_unpacklo_epi16(a[0], a[1]), b1 = _mm_unpackhi_epi16(a[0], a[1]);
+            const __m128i b2 = _mm_unpacklo_epi16(a[2], a[3]), b3 = _mm_unpackhi_epi16(a[2], a[3]);
+            // b0: columns 0-3 of rows 0-3 (4 bytes each), b1: columns 4-7; b2, b3 the same of rows 4-7
+            const __m128i c[4] = {_mm_unpacklo_epi32(b0, b2), _mm_unpackhi_epi32(b0, b2),
+                                  _mm_unpacklo_epi32(b1, b3), _mm_unpackhi_epi32(b1, b3)};
+            for (int j = 0; j < 4; ++j) {      // c[j]: column 2j's 8 rows, then column 2j + 1's
+                _mm_storel_epi64((__m128i*)(out + (k + 2 * j) * ob + v0 / 32 * 34 + 2 + 8 * g), c[j]);
+                _mm_storel_epi64((__m128i*)(out + (k + 2 * j + 1) * ob + v0 / 32 * 34 + 2 + 8 * g),
+                                 _mm_unpackhi_epi64(c[j], c[j]));
+            }
+        }
+#endif
+    for (; k < K; ++k) {
+        uint8_t* b = out + k * ob + v0 / 32 * 34 + 2;
+        for (int r = 0; r < 32; ++r) b[r] = (uint8_t)q[r * K + k];
     }
 }
 
@@ -297,9 +351,9 @@ DN_API int dn_transpose_q8_0(const uint8_t* w, int qtype, int64_t N, int64_t K, 
     if (N < 0 || N % 32 || K <= 0) return DN_E_SHAPE;
 #pragma omp parallel if (N > 32)
     {
-        std::vector<float> tmp((size_t)(32 * K));
+        dn::TransposeScratch scratch(K);
 #pragma omp for schedule(dynamic, 8)
-        for (int64_t g = 0; g < N / 32; ++g) dn::transpose_group(w, rb, qtype, K, 32 * g, N, tmp.data(), out);
+        for (int64_t g = 0; g < N / 32; ++g) dn::transpose_group(w, rb, qtype, K, 32 * g, N, scratch, out);
     }
     return DN_OK;
 }
