@@ -126,7 +126,8 @@ def worker(a) -> dict:
 
         def step():
             return model.denoise(cache, canvas, sc_logits=sc)
-        info = {"simd": native.simd(), "int8": native.int8()} if a.worker == "native" else {}
+        # int8 products apply to bf16 activations only (native.int8 is the bf16 mode's switch)
+        info = {"simd": native.simd(), "int8": native.int8() and a.dtype == "bf16"} if a.worker == "native" else {}
     prepare_s = time.perf_counter() - t0
     logits = step()
     timed(step, a.warmup)
@@ -319,7 +320,8 @@ def real_worker(a) -> dict:
             "stage_gflop": {k: v / 1e9 for k, v in flops.items()},
             "prefill_ms": prefill_ms, "prefill_tok_s": a.prompt_len / (prefill_ms / 1e3),
             "load_s": load_s, "rss_after_warmup_mib": rss_warm, "peak_rss_mib": peak_rss_mib(),
-            "simd": native.simd(), "bf16_dot": native.has_bf16(), "amx": native.amx(), "int8": native.int8(), "threads": torch.get_num_threads(),
+            "simd": native.simd(), "bf16_dot": native.has_bf16(), "amx": native.amx(),
+            "int8": native.int8() and dtype == torch.bfloat16, "threads": torch.get_num_threads(),
             "fused_head": bool(model.use_fused_head)}
 
 
