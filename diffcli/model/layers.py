@@ -47,6 +47,12 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torc
     return (y * cos + rotate_half(y) * sin).to(x.dtype)
 
 
+# Query rows per block of a masked CPU attention: at a prefill chunk's shapes (1,024 queries,
+# up to 2,048 keys, real head dims) 128 was 2.1-2.3x the unblocked product on sliding layers and
+# 1.6x on full ones (Zen 3, 2 threads), 256 a little less.
+QUERY_BLOCK = 128
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor | None) -> torch.Tensor:
     """Attention with scale 1.0: q [T, Nq, D], k/v [Nkv, L, D] (query head h reads KV head
@@ -79,12 +85,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _attend(q, k, v, mask).to(out)
     return torch.cat([_attend_span(q[a:a + QUERY_BLOCK], k, v, mask[a:a + QUERY_BLOCK])
                       for a in range(0, T, QUERY_BLOCK)]).to(out)
-
-
-# Query rows per block of a masked CPU attention: at a prefill chunk's shapes (1,024 queries,
-# up to 2,048 keys, real head dims) 128 was 2.1-2.3x the unblocked product on sliding layers and
-# 1.6x on full ones (Zen 3, 2 threads), 256 a little less.
-QUERY_BLOCK = 128
 
 
 def _attend_span(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

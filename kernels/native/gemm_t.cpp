@@ -245,12 +245,6 @@ uint16_t f32_to_f16(float f) {
 #endif
 }
 
-// roundf (half away from zero) in operations a compiler vectorizes: x - trunc(x) is exact.
-inline float round_away(float x) {
-    const float t = truncf(x);
-    return fabsf(x - t) >= 0.5f ? t + copysignf(1.0f, x) : t;
-}
-
 // Scratch of one thread for transpose_group: the group's rows dequantized, per column the
 // inverse scale, and the rounded quants, all row-major (loops along K vectorize).
 struct TransposeScratch {
@@ -281,7 +275,8 @@ void transpose_group(const uint8_t* w, int64_t rb, int qtype, int64_t K, int64_t
         int64_t k = 0;
 #if DN_AVX2
         const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-        for (; k + 8 <= K; k += 8) {       // round_away in 8 lanes
+        // roundf in 8 lanes: trunc, then a step away from 0 where the (exact) remainder is >= 0.5
+        for (; k + 8 <= K; k += 8) {
             const __m256 x = _mm256_mul_ps(_mm256_loadu_ps(tmp + r * K + k), _mm256_loadu_ps(id + k));
             const __m256 t = _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
             const __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(x, t)), half, _CMP_GE_OQ);
@@ -291,7 +286,7 @@ void transpose_group(const uint8_t* w, int64_t rb, int qtype, int64_t K, int64_t
             _mm_storel_epi64((__m128i*)(q + r * K + k), _mm_packs_epi16(w16, w16));
         }
 #endif
-        for (; k < K; ++k) q[r * K + k] = (int8_t)round_away(tmp[r * K + k] * id[k]);
+        for (; k < K; ++k) q[r * K + k] = (int8_t)roundf(tmp[r * K + k] * id[k]);   // half away from 0
     }
     int64_t k = 0;
 #if DN_AVX2

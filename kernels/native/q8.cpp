@@ -182,10 +182,10 @@ void ukernel_q8(int64_t ng, const Tile& tl, const int8_t* xq, int64_t K, const f
                             __m256i xb = _mm256_set1_epi32(q);
                             if constexpr (P) {
                                 p = _mm256_add_epi16(p, _mm256_maddubs_epi16(xb, w[j]));
-                                continue;
+                            } else {
+                                if constexpr (S) xb = _mm256_sign_epi8(xb, w[j]);
+                                p = _mm256_add_epi16(p, _mm256_maddubs_epi16(aw[j], xb));
                             }
-                            if constexpr (S) xb = _mm256_sign_epi8(xb, w[j]);
-                            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(aw[j], xb));
                         }
                         s[t] = _mm256_add_epi32(s[t], _mm256_madd_epi16(p, ones));
                         if constexpr (S) pin(s[t]);
